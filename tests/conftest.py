@@ -1,0 +1,14 @@
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(os.environ.get("URA_MONAI_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture
+def shared_data():
+    """Root of the real sample data (../shared/data); skips the test when it is absent (a user's fresh clone)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"sample data not found at {SHARED_DATA}")
+    return SHARED_DATA

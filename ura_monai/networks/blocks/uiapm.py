@@ -1,0 +1,107 @@
+"""UIAPM: uncertainty-integrated anomaly perception module (URA-Net, Luo et al. 2026).
+
+A Bayesian network that learns the distributions of normal and anomalous features: a convolutional encoder
+gives, per position, the mean and log-variance of a latent Gaussian; the KL term pulls it towards a normal
+or an anomalous prior (chosen by the synthetic-anomaly mask), and a Bayes-by-backprop head turns latent samples
+into anomaly logits. ``T`` stochastic passes give the anomaly probability (their mean) and the uncertainty
+(their variance), which is high where the evidence is ambiguous, e.g. at anomaly boundaries.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ura_monai.networks.blocks.bayesian import BayesianConv2d
+
+__all__ = ["UncertaintyAnomalyPerception", "PerceptionOutput"]
+
+
+class PerceptionOutput(NamedTuple):
+    """What the perception module returns.
+
+    logits: (B, T, 1, h, w) anomaly logits of T stochastic passes.
+    probability: (B, 1, h, w) mean anomaly probability over the passes.
+    uncertainty: (B, 1, h, w) variance of the pass probabilities scaled to [0, 1] (x4, since a variable in
+        [0, 1] has variance at most 1/4).
+    latent_mean, latent_logvar: (B, D, h, w) posterior of the latent, for the KL term.
+    """
+
+    logits: torch.Tensor
+    probability: torch.Tensor
+    uncertainty: torch.Tensor
+    latent_mean: torch.Tensor
+    latent_logvar: torch.Tensor
+
+
+class UncertaintyAnomalyPerception(nn.Module):
+    """Per-position anomaly probability and uncertainty from (possibly corrupted) features.
+
+    Args:
+        in_channels: feature channels.
+        hidden_channels: width of the convolutional encoder.
+        latent_channels: size of the per-position latent Gaussian.
+        num_samples: stochastic passes ``T`` (latent and head weights resampled each pass); 0 makes the module
+            deterministic (posterior means only, zero uncertainty), the fast path when no uncertainty is wanted.
+        prior_distance: distance between the normal and the anomalous prior means in latent space; the priors
+            are ``N(-m, I)`` and ``N(+m, I)`` along the diagonal direction, with ``|2m| = prior_distance``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        hidden_channels: int = 128,
+        latent_channels: int = 16,
+        num_samples: int = 8,
+        prior_distance: float = 6.0,
+    ) -> None:
+        super().__init__()
+        self.num_samples = num_samples
+        self.encoder = nn.Sequential(
+            nn.GroupNorm(1, in_channels),  # features of any scale
+            nn.Conv2d(in_channels, hidden_channels, 1),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1),
+            nn.GELU(),
+            nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1),
+            nn.GELU(),
+        )
+        self.mean_head = nn.Conv2d(hidden_channels, latent_channels, 1)
+        self.logvar_head = nn.Conv2d(hidden_channels, latent_channels, 1)
+        self.classifier = BayesianConv2d(latent_channels, 1, kernel_size=1)
+        direction = torch.ones(1, latent_channels, 1, 1) / latent_channels**0.5
+        self.register_buffer("prior_anomalous_mean", direction * prior_distance / 2)
+
+    def prior_mean(self, mask: torch.Tensor) -> torch.Tensor:
+        """Prior mean per position: ``-m`` where ``mask`` is 0 (normal), ``+m`` where it is 1 (anomalous)."""
+        return (2.0 * mask - 1.0) * self.prior_anomalous_mean
+
+    def forward(self, features: torch.Tensor, num_samples: int | None = None) -> PerceptionOutput:
+        """
+        Args:
+            features: (B, C, h, w).
+            num_samples: overrides ``self.num_samples`` for this call.
+        """
+        t = self.num_samples if num_samples is None else num_samples
+        hidden = self.encoder(features)
+        mean = self.mean_head(hidden)
+        logvar = self.logvar_head(hidden).clamp(-8.0, 4.0)
+        b, d, h, w = mean.shape
+        if t <= 0:
+            logits = self.classifier(mean, sample=False).unsqueeze(1)
+            probability = torch.sigmoid(logits[:, 0])
+            return PerceptionOutput(logits, probability, torch.zeros_like(probability), mean, logvar)
+        # all T passes in one batched call: (B, T, D, h, w) -> (B*T, D, h, w)
+        eps = torch.randn(b, t, d, h, w, device=mean.device, dtype=mean.dtype)
+        latent = mean.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps
+        logits = self.classifier(latent.reshape(b * t, d, h, w), sample=True).view(b, t, 1, h, w)
+        probs = torch.sigmoid(logits)
+        probability = probs.mean(dim=1)
+        uncertainty = (4.0 * probs.var(dim=1, unbiased=False)).clamp(0.0, 1.0) if t > 1 else torch.zeros_like(probability)
+        return PerceptionOutput(logits, probability, uncertainty, mean, logvar)
+
+    def weight_kl(self) -> torch.Tensor:
+        """KL of the Bayesian head's weights against their prior (Bayes-by-backprop complexity cost)."""
+        return self.classifier.kl_divergence()

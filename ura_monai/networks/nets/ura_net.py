@@ -1,0 +1,187 @@
+"""URA-Net: uncertainty-integrated anomaly perception and restoration attention network."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_residual, image_score
+from ura_monai.networks.blocks.fasm import CORRUPTIONS, MASK_TYPES, FeatureAnomalySynthesis
+from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
+from ura_monai.networks.blocks.ram import RestorationAttention
+from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
+
+__all__ = ["URANet"]
+
+MAP_SOURCES = ("restoration", "restored", "perception")
+
+
+class URANet(nn.Module):
+    """URA-Net for unsupervised anomaly detection, following
+    `URA-Net: Uncertainty-Integrated Anomaly Perception and Restoration Attention Network for Unsupervised
+    Anomaly Detection <https://arxiv.org/abs/2603.22840>`_ (Luo, Xing, Cao, Yao, Shen, Li, 2026).
+
+    Only the paper's abstract is public; ``docs/design.md`` records how each part is read here. Data flow::
+
+        image -> frozen CNN features F -> [FASM, training only] -> F'
+              -> UIAPM(F') -> anomaly probability p, uncertainty u
+              -> RAM(F', p, u) -> restoration R (from normal context and prototypes), restored p*R + (1-p)*F'
+              -> residual 1 - cos(F, R) per level -> upsampled, Gaussian-smoothed anomaly map -> image score
+
+    Args:
+        backbone: ``"efficientnet_lite0"`` (offline ImageNet weights) or ``"wide_resnet50_2"`` (torchvision).
+        levels: backbone levels used, by stride (see ``PretrainedFeatureExtractor``).
+        image_size: square input size (a multiple of 32).
+        feature_stride: stride of the common feature grid (8: a 32x32 grid for 256x256 images).
+        smooth_kernel: average-pool size applied to each level (local neighbourhood aggregation).
+        backbone_weights: optional local state-dict file for the backbone.
+        pretrained: load the backbone's ImageNet weights (``False`` only for tests).
+        use_fasm: synthesize feature-level anomalies during training (ablation switch).
+        use_uiapm: use the perception module; off, the RAM trusts every position and restores everywhere.
+        use_ram: use the restoration attention; off, the anomaly map is the perception probability.
+        fasm_mask_types, fasm_corruptions, fasm_area_range, fasm_noise_scale, fasm_probability: FASM options.
+        perception_hidden: width of the perception encoder.
+        latent_channels: size of the perception module's per-position latent Gaussian.
+        num_samples: stochastic passes of the perception module at inference (uncertainty); 0 for none.
+        num_prototypes: learnable global normal prototypes of the RAM.
+        embed_dim: RAM query/key width.
+        num_heads: RAM attention heads.
+        exclude_radius: RAM masks this Chebyshev neighbourhood around each query (no self-copying).
+        anomaly_map_source: what the map is the residual of: ``"restoration"`` (1 - cos between input
+            features and their restoration from normal context), ``"restored"`` (against the perception-gated
+            restored features) or ``"perception"`` (the anomaly probability itself).
+        sigma: Gaussian smoothing of the map, in pixels.
+        score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
+        top_k: fraction of pixels averaged by ``topk_mean``.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        levels: Sequence[str] = ("reduction_4", "reduction_8", "reduction_16"),
+        image_size: int = 256,
+        feature_stride: int = 8,
+        smooth_kernel: int = 3,
+        backbone_weights: str | os.PathLike | None = None,
+        pretrained: bool = True,
+        use_fasm: bool = True,
+        use_uiapm: bool = True,
+        use_ram: bool = True,
+        fasm_mask_types: Sequence[str] = MASK_TYPES,
+        fasm_corruptions: Sequence[str] = CORRUPTIONS,
+        fasm_area_range: Sequence[float] = (0.01, 0.2),
+        fasm_noise_scale: Sequence[float] = (0.3, 1.5),
+        fasm_probability: float = 0.8,
+        perception_hidden: int = 128,
+        latent_channels: int = 16,
+        num_samples: int = 8,
+        num_prototypes: int = 1024,
+        embed_dim: int = 128,
+        num_heads: int = 4,
+        exclude_radius: int = 1,
+        anomaly_map_source: str = "restoration",
+        sigma: float = 4.0,
+        score_mode: str = "max",
+        top_k: float = 0.01,
+    ) -> None:
+        super().__init__()
+        # everything needed to rebuild the network from a checkpoint
+        self.config: dict[str, Any] = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config["backbone_weights"] = None if backbone_weights is None else str(backbone_weights)
+        if not (use_uiapm or use_ram):
+            raise ValueError("URA-Net needs at least one of UIAPM (use_uiapm) and RAM (use_ram)")
+        if anomaly_map_source not in MAP_SOURCES:
+            raise ValueError(f"anomaly_map_source must be one of {MAP_SOURCES}, got '{anomaly_map_source}'")
+        if not use_ram:
+            anomaly_map_source = "perception"
+        elif anomaly_map_source == "perception" and not use_uiapm:
+            raise ValueError("anomaly_map_source='perception' needs use_uiapm=True")
+        self.anomaly_map_source = anomaly_map_source
+        self.score_mode, self.top_k = score_mode, top_k
+        image_score(torch.zeros(1, 1, 2, 2), score_mode, top_k)  # fail early on a bad mode
+
+        self.feature_extractor = PretrainedFeatureExtractor(
+            backbone, levels, image_size, feature_stride, smooth_kernel, backbone_weights, pretrained
+        )
+        channels = self.feature_extractor.out_channels
+        self.level_channels = self.feature_extractor.level_channels
+        self.fasm = (
+            FeatureAnomalySynthesis(fasm_mask_types, fasm_corruptions, tuple(fasm_area_range), tuple(fasm_noise_scale), fasm_probability)
+            if use_fasm
+            else None
+        )
+        self.uiapm = UncertaintyAnomalyPerception(channels, perception_hidden, latent_channels, num_samples) if use_uiapm else None
+        self.ram = RestorationAttention(channels, num_prototypes, embed_dim, num_heads, exclude_radius) if use_ram else None
+        self.map_generator = AnomalyMapGenerator(sigma)
+
+    # ------------------------------------------------------------------ features -> URA-Net
+    def forward_features(
+        self, features: torch.Tensor, synthesize: bool = False, num_samples: int | None = None, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Run FASM (when ``synthesize``), UIAPM and RAM on backbone features.
+
+        Returns a dict with ``clean`` and ``input`` features, the FASM ``mask`` (zeros without synthesis),
+        the perception outputs (``logits``, ``probability``, ``uncertainty``, ``latent_mean``, ``latent_logvar``)
+        and the restoration outputs (``restoration``, ``restored``) of whichever modules are on.
+        """
+        out: dict[str, torch.Tensor] = {"clean": features}
+        if synthesize and self.fasm is not None:
+            corrupted, mask = self.fasm(features, generator=generator)
+        else:
+            corrupted, mask = features, torch.zeros_like(features[:, :1])
+        out["input"], out["mask"] = corrupted, mask
+        probability = uncertainty = None
+        if self.uiapm is not None:
+            perception = self.uiapm(corrupted, num_samples)
+            out.update(perception._asdict())
+            probability, uncertainty = perception.probability, perception.uncertainty
+        if self.ram is not None:
+            out.update(self.ram(corrupted, probability, uncertainty)._asdict())
+        return out
+
+    def grid_anomaly_map(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Anomaly map on the feature grid (B, 1, h, w), from ``forward_features`` outputs."""
+        if self.anomaly_map_source == "perception":
+            return outputs["probability"]
+        return feature_residual(outputs["input"], outputs[self.anomaly_map_source], self.level_channels)
+
+    # ------------------------------------------------------------------ images -> maps and scores
+    def forward(self, images: torch.Tensor, num_samples: int | None = None) -> dict[str, torch.Tensor]:
+        """Inference.
+
+        Args:
+            images: (B, 1 or 3, H, W) intensities in [0, 1].
+            num_samples: perception passes for the uncertainty map (default: the configured ``num_samples``;
+                0 skips them and returns a zero uncertainty map, the fastest path).
+
+        Returns:
+            ``anomaly_map`` (B, 1, H, W), ``uncertainty_map`` (B, 1, H, W), ``pred_score`` (B,) and, when the
+            perception module is on, ``perception_map`` (B, 1, H, W), the anomaly probability.
+        """
+        size = images.shape[-2:]
+        features = self.feature_extractor(images)
+        outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
+        anomaly_map = self.map_generator(self.grid_anomaly_map(outputs), size)
+        result = {"anomaly_map": anomaly_map, "pred_score": image_score(anomaly_map, self.score_mode, self.top_k)}
+        if "probability" in outputs:
+            up = torch.nn.functional.interpolate
+            result["uncertainty_map"] = up(outputs["uncertainty"], size=size, mode="bilinear", align_corners=False)
+            result["perception_map"] = up(outputs["probability"], size=size, mode="bilinear", align_corners=False)
+        else:
+            result["uncertainty_map"] = torch.zeros_like(anomaly_map)
+        return result
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict without the frozen backbone (rebuilt from its weights file on load)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("feature_extractor.")}
+
+    @torch.no_grad()
+    def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
+        """Initialise the RAM's normal prototypes from normal training features (no-op without RAM)."""
+        if self.ram is not None:
+            self.ram.init_prototypes(features, generator)
