@@ -1,0 +1,513 @@
+"""Per-series anomaly detection on a folder of DICOM files.
+
+:func:`predict_dicom_folder` discovers the series of an input folder (e.g. a PACS export), runs a
+2D slice detector over each series, batch by batch, and writes per-series results to a new output
+folder: NIfTI anomaly and uncertainty maps with the source geometry, DICOM Parametric Map / SEG
+referencing the source series (with highdicom), ``report.json``, and a row per series in the
+folder-level ``results.csv``.
+
+Memory: slices are decoded one batch at a time and the maps go to raw files in the series'
+staging folder as they are predicted; the NIfTI files are streamed from them. Only the DICOM
+objects need a map in memory (highdicom builds the object whole): one float32 volume.
+
+Safety: the output folder may not be inside the input folder (nor the reverse); each series is
+built in a hidden staging folder and renamed into place when complete, so a crash never leaves a
+half-written series folder; every file is written through a temporary file + ``os.replace``.
+A failing series gets an ``error`` row in ``results.csv`` and the others go on. No patient name
+or ID is used in file names or logs: series folders are named by SeriesInstanceUID.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from ura_monai.data.dicom import (
+    SeriesInfo,
+    SkippedFile,
+    compute_intensity_window,
+    discover_series,
+    iter_series_slices,
+    iteration_shape,
+    series_affine,
+)
+from ura_monai.inference.dicom_writers import (
+    DICOM_EXTRA_HINT,
+    highdicom_available,
+    read_source_headers,
+    update_results_csv,
+    write_nifti_slabs,
+    write_parametric_map,
+    write_report_json,
+    write_segmentation,
+)
+
+__all__ = ["SlicePredictor", "aggregate_slice_scores", "check_output_folder", "predict_dicom_folder"]
+
+logger = logging.getLogger(__name__)
+
+RESULTS_CSV_NAME = "results.csv"
+_AGGREGATIONS = ("max", "mean", "topk_mean")
+
+
+@runtime_checkable
+class SlicePredictor(Protocol):
+    """A 2D anomaly detector as used by :func:`predict_dicom_folder`.
+
+    Called with a float tensor ``(N, C, H, W)`` in [0, 1] (``C`` 1, or 3 for RGB series) at the
+    slices' own size, on the CPU (the predictor moves it to its device), it returns a dict with
+    ``"anomaly_map"`` ``(N, H, W)``, ``"uncertainty_map"`` ``(N, H, W)`` (optional) and
+    ``"pred_score"`` ``(N,)``. ``image_threshold`` is the score above which an image is anomalous
+    (``None`` when not calibrated); an optional ``pixel_threshold`` attribute is used for the SEG
+    output, falling back to ``image_threshold``.
+    """
+
+    image_threshold: float | None
+
+    def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+def aggregate_slice_scores(slice_scores: np.ndarray, aggregation: str = "max", top_k: int = 5) -> float:
+    """Aggregate per-slice anomaly scores into one volume score.
+
+    Args:
+        slice_scores: ``(slices,)`` scores.
+        aggregation: ``"max"``, ``"mean"``, or ``"topk_mean"`` (mean of the ``top_k`` highest:
+            less sensitive than max to one noisy slice, more than mean to a small lesion).
+        top_k: slices averaged by ``"topk_mean"``.
+
+    Returns:
+        the volume score.
+    """
+    if aggregation not in _AGGREGATIONS:
+        raise ValueError(f"volume_aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
+    scores = np.asarray(slice_scores, dtype=np.float64)
+    if scores.size == 0:
+        raise ValueError("no slice scores to aggregate")
+    if aggregation == "max":
+        return float(scores.max())
+    if aggregation == "mean":
+        return float(scores.mean())
+    k = max(1, min(int(top_k), scores.size))
+    return float(np.sort(scores)[-k:].mean())
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_output_folder(input_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Resolve both folders and refuse overlapping trees.
+
+    Raises:
+        FileNotFoundError: the input folder does not exist.
+        ValueError: the output folder is the input folder, inside it, or contains it.
+
+    Returns:
+        the resolved ``(input_dir, output_dir)``.
+    """
+    input_path = Path(input_dir).expanduser().resolve()
+    output_path = Path(output_dir).expanduser().resolve()
+    if not input_path.is_dir():
+        raise FileNotFoundError(f"input folder not found: {input_path}")
+    if _is_within(output_path, input_path):
+        raise ValueError(
+            f"output folder {output_path} is inside the input folder {input_path}: results are never "
+            "written into the input tree; choose an output folder outside it"
+        )
+    if _is_within(input_path, output_path):
+        raise ValueError(
+            f"input folder {input_path} is inside the output folder {output_path}: choose an output "
+            "folder that does not contain the input"
+        )
+    return input_path, output_path
+
+
+def _to_numpy_maps(value: Any, count: int, height: int, width: int, name: str) -> np.ndarray:
+    """A predictor output as float32 ``(N, H, W)``, resized bilinearly when its size differs."""
+    tensor = torch.as_tensor(value).detach().float()
+    if tensor.ndim == 4 and tensor.shape[1] == 1:
+        tensor = tensor[:, 0]
+    if tensor.ndim != 3 or tensor.shape[0] != count:
+        raise ValueError(
+            f"predictor returned {name} of shape {tuple(tensor.shape)}, expected ({count}, {height}, {width})"
+        )
+    if tensor.shape[1:] != (height, width):
+        tensor = torch.nn.functional.interpolate(
+            tensor[:, None], size=(height, width), mode="bilinear", align_corners=False
+        )[:, 0]
+    return tensor.cpu().numpy().astype(np.float32, copy=False)
+
+
+def _iter_volume_slabs(raw_path: Path, axis: int, shape_along_axis: tuple[int, int, int], chunk: int = 16):
+    """Yield ``[k, rows, cols]`` slabs of the volume from a raw map stored in iteration order.
+
+    Along axis 0 the raw file already is in volume order and is read sequentially; along the
+    other axes it is memory-mapped read-only and transposed slice by slice.
+    """
+    length, height, width = shape_along_axis
+    if axis == 0:
+        with open(raw_path, "rb") as stream:
+            for start in range(0, length, chunk):
+                count = min(chunk, length - start)
+                yield np.fromfile(stream, dtype=np.float32, count=count * height * width).reshape(count, height, width)
+        return
+    stored = np.memmap(raw_path, dtype=np.float32, mode="r", shape=shape_along_axis)
+    slices = height  # along axes 1 and 2 the slice axis of the volume is the stored height
+    for start in range(0, slices, chunk):
+        stop = min(start + chunk, slices)
+        if axis == 1:  # stored[r, s, c] = volume[s, r, c]
+            yield np.ascontiguousarray(np.asarray(stored[:, start:stop, :]).transpose(1, 0, 2))
+        else:  # stored[c, s, r] = volume[s, r, c]
+            yield np.ascontiguousarray(np.asarray(stored[:, start:stop, :]).transpose(1, 2, 0))
+    del stored
+
+
+def _read_volume(raw_path: Path, axis: int, shape_along_axis: tuple[int, int, int]) -> np.ndarray:
+    return np.concatenate(list(_iter_volume_slabs(raw_path, axis, shape_along_axis)), axis=0)
+
+
+def _relative(path: str, root: Path) -> str:
+    try:
+        return os.path.relpath(path, root)
+    except ValueError:  # another drive on Windows
+        return path
+
+
+def _skipped_rows(skipped: list[SkippedFile], input_path: Path) -> list[dict[str, Any]]:
+    return [
+        {
+            "status": "skipped",
+            "series_uid": item.series_uid or "",
+            "skipped_files": _relative(item.path, input_path),
+            "message": item.reason,
+        }
+        for item in skipped
+    ]
+
+
+def _run_series(
+    series: SeriesInfo,
+    staging: Path,
+    predictor: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    axis: int,
+    batch_size: int,
+    aggregation: str,
+    top_k: int,
+    write_dicom: bool,
+    progress: bool,
+    input_path: Path,
+) -> dict[str, Any]:
+    """Predict one series into ``staging``; returns its report (without timings of the rename)."""
+    started = time.perf_counter()
+    length, height, width = iteration_shape(series, axis)
+    window = compute_intensity_window(series)
+    slice_scores = np.empty(length, dtype=np.float32)
+    anomaly_raw, uncertainty_raw = staging / ".anomaly_map.f32", staging / ".uncertainty_map.f32"
+    anomaly_range = [np.inf, -np.inf]
+    uncertainty_range = [np.inf, -np.inf]
+    has_uncertainty = True
+    written = 0
+
+    from tqdm.auto import tqdm
+
+    with (
+        open(anomaly_raw, "wb") as anomaly_stream,
+        open(uncertainty_raw, "wb") as uncertainty_stream,
+        tqdm(total=length, desc=f"series {series.name[-12:]}", unit="slice", disable=not progress, leave=False) as bar,
+        torch.inference_mode(),
+    ):
+        for indices, images in iter_series_slices(series, batch_size, axis=axis, window=window, scratch_dir=staging):
+            if int(indices[0]) != written:  # the raw files are written in order
+                raise RuntimeError(f"slices arrived out of order at {int(indices[0])}")
+            count = len(indices)
+            outputs = predictor(torch.from_numpy(images))
+            anomaly = _to_numpy_maps(outputs["anomaly_map"], count, height, width, "anomaly_map")
+            anomaly_stream.write(anomaly.tobytes())
+            anomaly_range = [min(anomaly_range[0], float(anomaly.min())), max(anomaly_range[1], float(anomaly.max()))]
+            uncertainty_value = outputs.get("uncertainty_map")
+            if uncertainty_value is None:
+                has_uncertainty = False
+            elif has_uncertainty:
+                uncertainty = _to_numpy_maps(uncertainty_value, count, height, width, "uncertainty_map")
+                uncertainty_stream.write(uncertainty.tobytes())
+                uncertainty_range = [
+                    min(uncertainty_range[0], float(uncertainty.min())),
+                    max(uncertainty_range[1], float(uncertainty.max())),
+                ]
+            scores = torch.as_tensor(outputs["pred_score"]).detach().float().reshape(-1).cpu().numpy()
+            if scores.shape[0] != count:
+                raise ValueError(f"predictor returned {scores.shape[0]} scores for {count} slices")
+            slice_scores[indices] = scores
+            written += count
+            bar.update(count)
+    inferred = time.perf_counter()
+
+    affine = series_affine(series)
+    shape_along_axis = (length, height, width)
+    outputs_written: dict[str, str] = {}
+    output_warnings: list[str] = []
+    write_nifti_slabs(
+        staging / "anomaly_map.nii.gz",
+        _iter_volume_slabs(anomaly_raw, axis, shape_along_axis),
+        series.shape,
+        affine,
+        tuple(anomaly_range),
+        "URA-Net anomaly map",
+    )
+    outputs_written["anomaly_map_nifti"] = "anomaly_map.nii.gz"
+    if has_uncertainty:
+        write_nifti_slabs(
+            staging / "uncertainty_map.nii.gz",
+            _iter_volume_slabs(uncertainty_raw, axis, shape_along_axis),
+            series.shape,
+            affine,
+            tuple(uncertainty_range),
+            "URA-Net uncertainty map",
+        )
+        outputs_written["uncertainty_map_nifti"] = "uncertainty_map.nii.gz"
+
+    image_threshold = getattr(predictor, "image_threshold", None)
+    pixel_threshold = getattr(predictor, "pixel_threshold", None)
+    pixel_threshold = image_threshold if pixel_threshold is None else pixel_threshold
+    if write_dicom:
+        if not highdicom_available():
+            message = f"DICOM outputs skipped: highdicom is not installed ({DICOM_EXTRA_HINT})"
+            logger.warning(message)
+            output_warnings.append(message)
+        else:
+            sources = read_source_headers(series)
+            anomaly_volume = _read_volume(anomaly_raw, axis, shape_along_axis)
+            for key, file_name, writer in (
+                (
+                    "parametric_map",
+                    "anomaly_map_pm.dcm",
+                    lambda p: write_parametric_map(p, anomaly_volume, series, sources),
+                ),
+                (
+                    "segmentation",
+                    "anomaly_seg.dcm",
+                    None
+                    if pixel_threshold is None
+                    else lambda p: write_segmentation(
+                        p, anomaly_volume >= pixel_threshold, series, float(pixel_threshold), sources
+                    ),
+                ),
+            ):
+                if writer is None:
+                    continue
+                try:
+                    writer(staging / file_name)
+                    outputs_written[key] = file_name
+                except Exception as error:  # a DICOM object the source does not allow: keep the rest
+                    message = f"DICOM {key} not written: {type(error).__name__}: {error}"
+                    logger.warning("series %s: %s", series.name, message)
+                    output_warnings.append(message)
+            del anomaly_volume
+    anomaly_raw.unlink(missing_ok=True)
+    uncertainty_raw.unlink(missing_ok=True)
+    written_at = time.perf_counter()
+
+    volume_score = aggregate_slice_scores(slice_scores, aggregation, top_k)
+    order = np.argsort(-slice_scores, kind="stable")[: max(1, min(top_k, length))]
+    top_slices = []
+    for index in order.tolist():
+        entry: dict[str, Any] = {"index": int(index), "score": float(slice_scores[index])}
+        if axis == 0:  # slices along axis 0 are source frames: name them for PACS users
+            ref = series.slices[index]
+            entry["sop_instance_uid"] = ref.sop_instance_uid
+            if ref.frame_index is not None:
+                entry["frame_number"] = ref.frame_index + 1
+        top_slices.append(entry)
+    if image_threshold is None:
+        decision = "unknown"
+    else:
+        decision = "anomalous" if volume_score >= image_threshold else "normal"
+
+    return {
+        "series": series.summary(),
+        "study_uid": series.study_uid,
+        "frame_of_reference_uid": series.frame_of_reference_uid,
+        "axis": axis,
+        "affine_ras": series_affine(series).tolist(),
+        "volume_score": volume_score,
+        "aggregation": aggregation,
+        "top_k": top_k,
+        "image_threshold": image_threshold,
+        "pixel_threshold": pixel_threshold,
+        "decision": decision,
+        "top_slices": top_slices,
+        "slice_scores": [float(s) for s in slice_scores],
+        "anomaly_range": [float(v) for v in anomaly_range],
+        "outputs": outputs_written,
+        "warnings": list(series.warnings) + output_warnings,
+        "skipped_files": [{"path": _relative(s.path, input_path), "reason": s.reason} for s in series.skipped_files],
+        "timings_s": {
+            "read_infer": round(inferred - started, 3),
+            "write": round(written_at - inferred, 3),
+        },
+    }
+
+
+def _finalize_series_folder(staging: Path, final: Path) -> None:
+    """Move a complete staging folder into place, replacing the folder of an earlier run."""
+    previous = None
+    if final.exists():
+        previous = final.with_name(f".{final.name}.old-{secrets.token_hex(4)}")
+        os.replace(final, previous)
+    os.replace(staging, final)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def predict_dicom_folder(
+    input_dir: str | os.PathLike[str],
+    output_dir: str | os.PathLike[str],
+    predictor: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    axis: int = 0,
+    batch_size: int = 16,
+    volume_aggregation: str = "max",
+    top_k: int = 5,
+    write_dicom: bool = True,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Detect anomalies in every image series of a DICOM folder and write per-series results.
+
+    Output layout (``output_dir`` is created; it must not be inside ``input_dir``)::
+
+        output_dir/
+            results.csv                     one row per series (ok / error), one per skipped file
+            <SeriesInstanceUID>/
+                anomaly_map.nii.gz          float32, source geometry (overlays the series in 3D Slicer)
+                uncertainty_map.nii.gz      when the predictor returns one
+                anomaly_map_pm.dcm          DICOM Parametric Map (needs highdicom)
+                anomaly_seg.dcm             DICOM SEG of map >= threshold (needs highdicom and a threshold)
+                report.json                 scores, top slices, geometry, warnings, timings
+
+    Args:
+        input_dir: folder tree with DICOM files (e.g. a PACS export).
+        output_dir: new or existing results folder, outside ``input_dir``.
+        predictor: a :class:`SlicePredictor`.
+        axis: slicing axis of the ``[slices, rows, cols]`` volume: 0 for the acquired slices (OCT
+            B-scans), 1 or 2 for reformatted planes (then the series is staged in a memmap).
+        batch_size: slices per predictor call.
+        volume_aggregation: ``"max"``, ``"mean"`` or ``"topk_mean"`` of the slice scores.
+        top_k: number of most anomalous slices reported (and averaged by ``"topk_mean"``).
+        write_dicom: also write DICOM Parametric Map / SEG (skipped with a warning without highdicom).
+        progress: show tqdm progress bars.
+
+    Returns:
+        the rows written to ``results.csv`` by this run (dicts keyed by
+        :data:`ura_monai.inference.dicom_writers.RESULTS_CSV_FIELDS`).
+
+    Raises:
+        FileNotFoundError: ``input_dir`` does not exist.
+        ValueError: overlapping input/output folders, an empty input folder, a folder without any
+            DICOM image series, or invalid arguments.
+    """
+    if volume_aggregation not in _AGGREGATIONS:
+        raise ValueError(f"volume_aggregation must be one of {_AGGREGATIONS}, got {volume_aggregation!r}")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    if batch_size < 1 or top_k < 1:
+        raise ValueError("batch_size and top_k must be >= 1")
+    input_path, output_path = check_output_folder(input_dir, output_dir)
+
+    started = time.perf_counter()
+    series_list, skipped = discover_series(input_path)
+    discovery_seconds = time.perf_counter() - started
+    if not series_list:
+        if not skipped:
+            raise ValueError(f"input folder {input_path} is empty: no files to analyse")
+        reasons = sorted({item.reason.split(":")[0] for item in skipped})
+        raise ValueError(
+            f"no DICOM image series found in {input_path}: {len(skipped)} file(s) skipped ({'; '.join(reasons)})"
+        )
+    logger.info("found %d series and %d skipped file(s) in %.1f s", len(series_list), len(skipped), discovery_seconds)
+    if write_dicom and not highdicom_available():
+        logger.warning(
+            "highdicom is not installed: DICOM Parametric Map / SEG outputs are skipped (%s)", DICOM_EXTRA_HINT
+        )
+
+    output_path.mkdir(parents=True, exist_ok=True)
+    csv_path = output_path / RESULTS_CSV_NAME
+    all_rows: list[dict[str, Any]] = []
+    # files that belong to no analysed series get their own rows
+    loose_skipped = [item for item in skipped if not any(item in s.skipped_files for s in series_list)]
+    skipped_rows = _skipped_rows(loose_skipped, input_path)
+    if skipped_rows:
+        update_results_csv(csv_path, skipped_rows)
+        all_rows.extend(skipped_rows)
+
+    for number, series in enumerate(series_list, start=1):
+        series_started = time.perf_counter()
+        row: dict[str, Any] = {
+            "series_dir": series.name,
+            "series_uid": series.uid,
+            "modality": series.modality,
+            "sop_class": series.sop_class_name,
+            "slices": series.num_frames,
+            "rows": series.rows,
+            "cols": series.cols,
+            "axis": axis,
+            "aggregation": volume_aggregation,
+            "warnings": "; ".join(series.warnings),
+            "skipped_files": " | ".join(f"{_relative(s.path, input_path)}: {s.reason}" for s in series.skipped_files),
+        }
+        staging = output_path / f".{series.name}.partial-{secrets.token_hex(4)}"
+        try:
+            staging.mkdir(parents=True)
+            report = _run_series(
+                series,
+                staging,
+                predictor,
+                axis,
+                batch_size,
+                volume_aggregation,
+                top_k,
+                write_dicom,
+                progress,
+                input_path,
+            )
+            report["timings_s"]["total"] = round(time.perf_counter() - series_started, 3)
+            report["timings_s"]["discovery_folder"] = round(discovery_seconds, 3)
+            write_report_json(staging / "report.json", report)
+            _finalize_series_folder(staging, output_path / series.name)
+            row.update(
+                status="ok",
+                volume_score=f"{report['volume_score']:.6g}",
+                threshold="" if report["image_threshold"] is None else f"{report['image_threshold']:.6g}",
+                decision=report["decision"],
+                top_slices=";".join(f"{t['index']}:{t['score']:.4g}" for t in report["top_slices"]),
+                warnings="; ".join(report["warnings"]),
+                message="",
+                time_read_infer_s=report["timings_s"]["read_infer"],
+                time_write_s=report["timings_s"]["write"],
+            )
+            logger.info(
+                "series %d/%d %s (%s, %d slices): score %.4g, %s",
+                number,
+                len(series_list),
+                series.name,
+                series.modality,
+                series.num_frames,
+                report["volume_score"],
+                report["decision"],
+            )
+        except Exception as error:  # one bad series must not stop the folder
+            shutil.rmtree(staging, ignore_errors=True)
+            row.update(status="error", decision="", message=f"{type(error).__name__}: {error}")
+            logger.error("series %d/%d %s failed: %s", number, len(series_list), series.name, row["message"])
+        row["time_total_s"] = round(time.perf_counter() - series_started, 3)
+        update_results_csv(csv_path, [row])
+        all_rows.append(row)
+    return all_rows

@@ -1,0 +1,52 @@
+"""Thresholds and normalization statistics chosen from normal validation data (anomalib's post-processor role)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["normal_postprocessing_stats", "normalize_score"]
+
+
+def normal_postprocessing_stats(
+    image_scores: Sequence[float] | torch.Tensor,
+    anomaly_maps: torch.Tensor | None = None,
+    image_quantile: float = 0.99,
+    pixel_quantile: float = 0.999,
+) -> dict[str, float]:
+    """Image and pixel thresholds as high quantiles of scores on held-out *normal* images.
+
+    No anomalous data is needed, which matches the training setting. Normalization maps the normal minimum
+    to 0, the threshold to 0.5 and ``2 * threshold - min`` to 1 (clipped), the form anomalib uses.
+
+    Args:
+        image_scores: scores of normal validation images.
+        anomaly_maps: their anomaly maps (N, 1, H, W); pixel statistics are skipped when None.
+        image_quantile: quantile of normal image scores used as the image threshold.
+        pixel_quantile: quantile of normal pixel values used as the pixel threshold.
+
+    Returns:
+        dict with ``image_threshold``, ``image_min``, ``image_max`` and, with maps, ``pixel_threshold``,
+        ``pixel_min``, ``pixel_max`` (floats).
+    """
+    scores = torch.as_tensor(image_scores, dtype=torch.float64).flatten().numpy()
+    if scores.size == 0 or not np.isfinite(scores).all():
+        raise ValueError("normal validation scores are empty or not finite")
+    stats = {"image_threshold": float(np.quantile(scores, image_quantile)), "image_min": float(scores.min())}
+    stats["image_max"] = 2 * stats["image_threshold"] - stats["image_min"]
+    if anomaly_maps is not None:
+        pixels = anomaly_maps.detach().float().flatten()
+        if pixels.numel() > 4_000_000:  # a random subset estimates a quantile well and bounds memory
+            pixels = pixels[torch.randperm(pixels.numel(), generator=torch.Generator().manual_seed(0))[:4_000_000]]
+        stats["pixel_threshold"] = float(torch.quantile(pixels, pixel_quantile))
+        stats["pixel_min"] = float(pixels.min())
+        stats["pixel_max"] = 2 * stats["pixel_threshold"] - stats["pixel_min"]
+    return stats
+
+
+def normalize_score(value: torch.Tensor, threshold: float, min_value: float, max_value: float) -> torch.Tensor:
+    """``((value - threshold) / (max - min)) + 0.5`` clipped to [0, 1]: the threshold maps to 0.5."""
+    span = max(max_value - min_value, 1e-12)
+    return ((value - threshold) / span + 0.5).clamp(0.0, 1.0)
