@@ -1,0 +1,281 @@
+"""Train and test URA-Net end to end: the functions behind the CLI, the benchmarks and the bundle."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Events
+from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers.tqdm_logger import ProgressBar
+from monai.data import DataLoader, Dataset
+from monai.utils import set_determinism
+from torch.utils.data import Dataset as TorchDataset
+
+from ura_monai.data import anomaly_transforms
+from ura_monai.engines.evaluator import URANetEvaluator
+from ura_monai.engines.features import extract_feature_bank
+from ura_monai.engines.trainer import URANetTrainer
+from ura_monai.inference.io import atomic_write_text
+from ura_monai.losses.ura_loss import URANetLoss
+from ura_monai.metrics import AnomalyDetectionMetric
+from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
+from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.transforms.thresholds import normal_postprocessing_stats
+
+__all__ = ["fit", "test", "run_inference", "split_normal_validation", "FeatureBankDataset"]
+
+logger = logging.getLogger("ura_monai")
+
+
+class FeatureBankDataset(TorchDataset):
+    """Cached backbone features as ``{"features": (C, h, w)}`` items."""
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        self.bank = bank
+
+    def __len__(self) -> int:
+        return self.bank.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"features": self.bank[index]}
+
+
+def split_normal_validation(items: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """Hold out ``fraction`` of the normal training images (at least one, when there are 5 or more) for thresholds."""
+    items = list(items)
+    n_val = max(1, round(fraction * len(items))) if fraction > 0 and len(items) >= 5 else 0
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    val = [items[i] for i in sorted(order[:n_val])]
+    train = [items[i] for i in sorted(order[n_val:])]
+    return train, val
+
+
+def _loader(items: Sequence[dict], image_size: int, batch_size: int, num_workers: int, channels: int | None = None) -> DataLoader:
+    dataset = Dataset(list(items), transform=anomaly_transforms(image_size, augment=False, channels=channels))
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+
+
+def run_inference(
+    model: URANet,
+    items: Sequence[dict],
+    image_size: int,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    num_samples: int | None = None,
+    amp: bool = False,
+    progress: bool = True,
+    metric: AnomalyDetectionMetric | None = None,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run a ``URANetEvaluator`` over ``items``.
+
+    Returns:
+        ``(metrics, per_image)``: the metric dict (empty without ``metric``) and, per image, its path, label,
+        defect type and score, with the (B, 1, H, W) maps under ``"anomaly_map"``/``"uncertainty_map"``.
+    """
+    device = torch.device(device)
+    evaluator = URANetEvaluator(
+        device=device,
+        val_data_loader=_loader(items, image_size, batch_size, num_workers),
+        network=model.to(device),
+        num_samples=num_samples,
+        amp=amp,
+    )
+    if metric is not None:  # attached directly: MONAI registers extra metrics only beside a key metric
+        metric.attach(evaluator, "anomaly")
+    per_image: list[dict[str, Any]] = []
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _collect(engine):
+        out = engine.state.output
+        for i in range(out["pred_score"].shape[0]):
+            per_image.append(
+                {
+                    "image_path": out["image_path"][i],
+                    "label": int(out["label"][i]),
+                    "defect_type": out["defect_type"][i] if "defect_type" in out else "",
+                    "pred_score": float(out["pred_score"][i]),
+                    "anomaly_map": out["anomaly_map"][i],
+                    "uncertainty_map": out["uncertainty_map"][i],
+                }
+            )
+
+    if progress:
+        ProgressBar(desc="inference", persist=False).attach(evaluator)
+    evaluator.run()
+    metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if not isinstance(v, dict)}
+    return metrics, per_image
+
+
+def fit(
+    train_items: Sequence[dict],
+    output_dir: str | Path,
+    image_size: int = 256,
+    epochs: int = 20,
+    batch_size: int = 8,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 1e-4,
+    augment: str = "none",
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    amp: bool = False,
+    tensorboard: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+    model_kwargs: dict[str, Any] | None = None,
+    loss_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train URA-Net on normal images and write ``<output_dir>/model.pt`` with thresholds.
+
+    The backbone is frozen, so its features are computed once per training view (``augment`` gives the
+    views) and cached; training then runs on the cache, which makes CPU training practical.
+
+    Args:
+        train_items: datalist of normal images (``label`` 0).
+        output_dir: where ``model.pt``, ``train_state/`` (resumable state) and ``runs/`` (TensorBoard) go.
+        image_size: square input size (a multiple of 32).
+        epochs: passes over the cached training features.
+        batch_size: batch size of images and of features.
+        learning_rate, weight_decay: AdamW settings.
+        augment: cached views: ``none``, ``hflip`` or ``dihedral`` (see ``augmented_views``).
+        val_fraction: fraction of normal images held out to set thresholds.
+        seed: seeds everything (MONAI's ``set_determinism``) and FASM's generator.
+        device: ``cpu`` or ``cuda``.
+        num_workers: DataLoader workers for decoding images.
+        amp: mixed precision on CUDA.
+        tensorboard: log losses to ``<output_dir>/runs``.
+        resume: continue from ``<output_dir>/train_state`` when present.
+        progress: progress bars.
+        model_kwargs: ``URANet`` arguments (ablation switches, sizes, map and score options).
+        loss_kwargs: ``URANetLoss`` weights.
+
+    Returns:
+        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds`` and the final loss terms.
+    """
+    start = time.perf_counter()
+    set_determinism(seed)
+    device = torch.device(device)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not train_items:
+        raise ValueError("no training images")
+    fit_items, val_items = split_normal_validation(train_items, val_fraction, seed)
+    if not val_items:
+        logger.warning("fewer than 5 training images: thresholds come from the training images themselves")
+        val_items = fit_items
+
+    model = URANet(image_size=image_size, **(model_kwargs or {})).to(device)
+    bank = extract_feature_bank(
+        model.feature_extractor, _loader(fit_items, image_size, batch_size, num_workers), device, augment, amp, progress
+    )
+    generator = torch.Generator().manual_seed(seed)
+    model.init_prototypes(bank.to(device), generator)
+    loader = torch.utils.data.DataLoader(
+        FeatureBankDataset(bank), batch_size=min(batch_size, len(bank)), shuffle=True, drop_last=len(bank) > batch_size, generator=generator
+    )
+    positions = bank.shape[0] * bank.shape[-1] * bank.shape[-2]
+    loss_function = URANetLoss(model.level_channels, dataset_positions=positions, **(loss_kwargs or {}))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * len(loader)))
+    trainer = URANetTrainer(
+        device=device, max_epochs=epochs, train_data_loader=loader, network=model, optimizer=optimizer,
+        loss_function=loss_function, amp=amp, generator=generator,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
+    if progress:
+        ProgressBar(desc="train", persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+    if tensorboard:
+        from monai.handlers import TensorBoardStatsHandler
+
+        TensorBoardStatsHandler(log_dir=str(output_dir / "runs"), output_transform=lambda out: {k: float(v) for k, v in out.items()}).attach(trainer)
+
+    # resumable state: everything needed to continue exactly where an interrupted run stopped
+    state = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer}
+    saver = Checkpoint(state, DiskSaver(str(output_dir / "train_state"), require_empty=False, atomic=True), n_saved=1, filename_prefix="train")
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
+    if resume:
+        last = sorted((output_dir / "train_state").glob("train_checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
+        if last:
+            Checkpoint.load_objects(state, torch.load(last[-1], map_location=device, weights_only=True))
+            logger.info("resuming from %s (epoch %d)", last[-1], trainer.state.epoch)
+    losses: dict[str, float] = {}
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _record(engine):
+        losses.update({k: float(v) for k, v in engine.state.output.items()})
+        logger.info("epoch %d/%d: %s", engine.state.epoch, epochs, {k: round(v, 4) for k, v in losses.items()})
+
+    trainer.run()
+    train_seconds = time.perf_counter() - start
+
+    # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
+    _, val_outputs = run_inference(model, val_items, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False)
+    postprocessing = normal_postprocessing_stats(
+        [o["pred_score"] for o in val_outputs], torch.stack([o["anomaly_map"] for o in val_outputs])
+    )
+    extra = {
+        "image_size": image_size, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
+        "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items),
+        "fit_seconds": round(time.perf_counter() - start, 2),
+    }
+    checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
+    logger.info("wrote %s", checkpoint)
+    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model}
+
+
+def test(
+    checkpoint: str | Path | URANet,
+    test_items: Sequence[dict],
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    num_samples: int | None = 0,
+    amp: bool = False,
+    progress: bool = True,
+    image_size: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (or model) on labelled test items.
+
+    Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score)
+    and ``roc_curve.png``.
+
+    Returns:
+        dict with ``image_auroc``, ``pixel_auroc``, ``aupro``, ``f1_max`` (NaN where undefined),
+        ``test_images_per_second`` and ``per_image``.
+    """
+    if isinstance(checkpoint, URANet):
+        model = checkpoint.eval()
+    else:
+        model, _ = load_checkpoint(checkpoint, device)
+    size = image_size or model.config["image_size"]
+    start = time.perf_counter()
+    metrics, per_image = run_inference(
+        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress, metric=AnomalyDetectionMetric()
+    )
+    seconds = time.perf_counter() - start
+    result = {k: metrics.get(k, math.nan) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
+    result["test_images"] = len(per_image)
+    result["test_images_per_second"] = round(len(per_image) / seconds, 3) if seconds > 0 else math.nan
+    rows = [{k: v for k, v in r.items() if not k.endswith("_map")} for r in per_image]
+    if output_dir is not None:
+        from ura_monai.inference.writers import save_roc_curve_png, write_csv
+
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2))
+        write_csv(output_dir / "per_image.csv", rows)
+        labels = [r["label"] for r in rows]
+        if 0 < sum(labels) < len(labels):
+            save_roc_curve_png(output_dir / "roc_curve.png", [r["pred_score"] for r in rows], labels, title="image ROC")
+    result["per_image"] = per_image
+    return result
