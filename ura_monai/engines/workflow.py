@@ -47,6 +47,28 @@ class FeatureBankDataset(TorchDataset):
         return {"features": self.bank[index]}
 
 
+class _GeneratorState:
+    """Lets ignite's ``Checkpoint`` save and restore a ``torch.Generator``."""
+
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.generator.set_state(state["state"])
+
+
+def _train_states(state_dir: Path) -> list[Path]:
+    """Saved training states, oldest first (by the iteration number in ignite's file name)."""
+    def iteration(path: Path) -> int:
+        digits = path.stem.rsplit("_", 1)[-1]
+        return int(digits) if digits.isdigit() else -1
+
+    return sorted(state_dir.glob("train_checkpoint_*.pt"), key=iteration)
+
+
 def split_normal_validation(items: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """Hold out ``fraction`` of the normal training images (at least one, when there are 5 or more) for thresholds."""
     items = list(items)
@@ -185,7 +207,9 @@ def fit(
     positions = bank.shape[0] * bank.shape[-1] * bank.shape[-2]
     loss_function = URANetLoss(model.level_channels, dataset_positions=positions, **(loss_kwargs or {}))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, epochs * len(loader)))
+    total_steps = max(1, epochs * len(loader))
+    # closed-form cosine decay over the *current* total, so a resumed run with more epochs decays correctly
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     trainer = URANetTrainer(
         device=device, max_epochs=epochs, train_data_loader=loader, network=model, optimizer=optimizer,
         loss_function=loss_function, amp=amp, generator=generator,
@@ -198,15 +222,18 @@ def fit(
 
         TensorBoardStatsHandler(log_dir=str(output_dir / "runs"), output_transform=lambda out: {k: float(v) for k, v in out.items()}).attach(trainer)
 
-    # resumable state: everything needed to continue exactly where an interrupted run stopped
-    state = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer}
-    saver = Checkpoint(state, DiskSaver(str(output_dir / "train_state"), require_empty=False, atomic=True), n_saved=1, filename_prefix="train")
+    # resumable state: everything needed to continue exactly where an interrupted run stopped, including
+    # the generator behind FASM draws and shuffling
+    state = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer, "rng": _GeneratorState(generator)}
+    state_dir = output_dir / "train_state"
+    saver = Checkpoint(state, DiskSaver(str(state_dir), require_empty=False, atomic=True), n_saved=1, filename_prefix="train")
     trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
     if resume:
-        last = sorted((output_dir / "train_state").glob("train_checkpoint_*.pt"), key=lambda p: p.stat().st_mtime)
-        if last:
-            Checkpoint.load_objects(state, torch.load(last[-1], map_location=device, weights_only=True))
-            logger.info("resuming from %s (epoch %d)", last[-1], trainer.state.epoch)
+        saved = _train_states(state_dir)
+        if saved:
+            Checkpoint.load_objects(state, torch.load(saved[-1], map_location=device, weights_only=True))
+            trainer.state.max_epochs = epochs  # the saved state's max_epochs would make ignite restart a finished run
+            logger.info("resuming from %s (epoch %d)", saved[-1], trainer.state.epoch)
     losses: dict[str, float] = {}
 
     @trainer.on(Events.EPOCH_COMPLETED)
@@ -214,7 +241,10 @@ def fit(
         losses.update({k: float(v) for k, v in engine.state.output.items()})
         logger.info("epoch %d/%d: %s", engine.state.epoch, epochs, {k: round(v, 4) for k, v in losses.items()})
 
-    trainer.run()
+    if trainer.state.epoch < epochs:  # a finished run that is resumed is not trained again
+        trainer.run()
+    for stale in _train_states(state_dir)[:-1]:  # states left by earlier runs of the same output_dir
+        stale.unlink()
     train_seconds = time.perf_counter() - start
 
     # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)

@@ -41,13 +41,16 @@ def _box_mask(h: int, w: int, area: float, generator: torch.Generator | None, de
 
 
 def _line_mask(h: int, w: int, area: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """A thin scratch: a segment one or two cells wide between two random points."""
-    p0 = torch.rand(2, generator=generator) * torch.tensor([h - 1, w - 1])
-    p1 = torch.rand(2, generator=generator) * torch.tensor([h - 1, w - 1])
-    steps = int(max(h, w) * 2)
-    t = torch.linspace(0, 1, steps).unsqueeze(1)
-    pts = (p0 + t * (p1 - p0)).round().long()
+    """A thin scratch: a segment one or two cells wide, long enough to cover about ``area`` of the grid."""
     width = 1 + int(torch.rand(1, generator=generator).item() < 0.5)
+    length = min(max(3.0, area * h * w / width), math.hypot(h, w))
+    angle = torch.rand(1, generator=generator).item() * math.pi
+    direction = torch.tensor([math.sin(angle), math.cos(angle)])
+    center = torch.rand(2, generator=generator) * torch.tensor([h - 1, w - 1])
+    t = torch.linspace(-0.5, 0.5, int(length * 2) + 2).unsqueeze(1) * length
+    pts = (center + t * direction).round().long()
+    inside = (pts[:, 0] >= 0) & (pts[:, 0] < h) & (pts[:, 1] >= 0) & (pts[:, 1] < w)
+    pts = pts[inside]
     mask = torch.zeros(h, w)
     for dy in range(width):
         for dx in range(width):

@@ -110,7 +110,9 @@ class PretrainedFeatureExtractor(nn.Module):
         except Exception as err:  # ImportError, or torchvision built for another torch
             raise ImportError(
                 "backbone 'wide_resnet50_2' needs a torchvision that imports beside your torch "
-                f"(`pip install ura-monai[wrn]`; import failed: {err}). The offline default is 'efficientnet_lite0'."
+                f"(`pip install ura-monai[wrn]`; import failed: {err}), and its ImageNet weights as a local file "
+                f"('{_WRN_WEIGHT_FILES[0]}' in torch's hub cache, or --backbone-weights FILE). "
+                "The offline default is 'efficientnet_lite0'."
             ) from err
         net = wide_resnet50_2(weights=None)
         if pretrained or weights is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["RestorationAttention", "RestorationOutput"]
@@ -108,9 +107,11 @@ class RestorationAttention(nn.Module):
         heads, d = self.num_heads, q.shape[-1] // self.num_heads
         q = q.view(b, n, heads, d).transpose(1, 2)
         keys = keys.view(b, -1, heads, d).transpose(1, 2)
-        # every head attends over the same raw values; averaging the heads keeps a convex combination
-        restoration = F.scaled_dot_product_attention(q, keys, values.unsqueeze(1).expand(-1, heads, -1, -1), attn_mask=bias.unsqueeze(1))
-        restoration = restoration.mean(dim=1).transpose(1, 2).reshape(b, c, h, w)
+        logits = torch.matmul(q, keys.transpose(-1, -2)) * d**-0.5 + bias.unsqueeze(1)  # (B, H, N, N + K)
+        # averaging the heads' weights first equals averaging their outputs (the values are shared), keeps a
+        # convex combination, and multiplies the C-channel values once instead of once per head
+        weights = torch.softmax(logits, dim=-1).mean(dim=1)
+        restoration = torch.bmm(weights, values).transpose(1, 2).reshape(b, c, h, w)
         gate = torch.ones_like(features[:, :1]) if probability is None else probability
         restored = gate * restoration + (1.0 - gate) * features
         return RestorationOutput(restoration, restored)

@@ -1,0 +1,219 @@
+"""The ``ura-monai`` command line and the file predictor, end to end on the synthetic demo dataset.
+
+One small demo run (64x64 images, one epoch) is shared by the module; everything else reuses its data and
+checkpoint, so the module stays well under a minute and a half on two CPU cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ura_monai.cli import main
+from ura_monai.inference.dicom_inference import SlicePredictor
+from ura_monai.inference.predictor import URANetPredictor
+
+SIZE = 64
+QUIET = ["--no-progress", "-q"]
+
+
+def _read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as stream:
+        return list(csv.DictReader(stream))
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Path:
+    """``ura-monai demo`` at 64x64 for one epoch; returns its output folder."""
+    out = tmp_path_factory.mktemp("demo")
+    assert main(["demo", "--output", str(out), "--epochs", "1", "--image-size", str(SIZE), *QUIET]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(demo) -> Path:
+    return demo / "model" / "model.pt"
+
+
+def _test_images(demo: Path) -> list[Path]:
+    return sorted((demo / "data" / "demo" / "test").rglob("*.png"))
+
+
+def test_demo_writes_metrics_overlays_and_scores(demo, capsys):
+    metrics = json.loads((demo / "test" / "metrics.json").read_text())
+    assert isinstance(metrics["image_auroc"], float) and 0.0 <= metrics["image_auroc"] <= 1.0
+    assert (demo / "test" / "per_image.csv").is_file() and (demo / "test" / "roc_curve.png").is_file()
+    figures = sorted((demo / "test" / "maps").glob("*.png"))
+    assert 1 <= len(figures) <= 8
+    assert any("_anomalous_" in f.name for f in figures) and any("_normal_" in f.name for f in figures)
+
+    rows = _read_csv(demo / "predictions" / "scores.csv")
+    assert len(rows) == len(_test_images(demo)) == 20
+    assert list(rows[0])[:6] == ["path", "score", "normalized_score", "decision", "threshold", "error"]
+    for row in rows:
+        assert row["error"] == "" and row["decision"] in ("anomalous", "normal")
+        assert 0.0 <= float(row["normalized_score"]) <= 1.0
+        assert (row["decision"] == "anomalous") == (float(row["score"]) >= float(row["threshold"]))
+        assert (demo / "predictions" / row["overlay"]).is_file()
+    # test/good/000.png and test/blob/000.png share a stem: outputs are named by the path under test/
+    assert (demo / "predictions" / "good_000_overlay.png").is_file() and (demo / "predictions" / "blob_000_overlay.png").is_file()
+    assert len(list((demo / "predictions").glob("*_overlay.png"))) == 20
+    assert len(list((demo / "predictions").glob("*_anomaly_map.npy"))) == 20
+    assert len(list((demo / "predictions").glob("*_uncertainty.npy"))) == 20
+    assert len(list((demo / "predictions").glob("*_uncertainty.png"))) == 20
+
+
+def test_predict_folder_keeps_going_past_bad_files(checkpoint, demo, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    (inputs / "sub").mkdir(parents=True)
+    sources = _test_images(demo)
+    good = [inputs / "a.png", inputs / "b.png", inputs / "sub" / "c.png"]
+    for src, dst in zip(sources[::7], good):
+        dst.write_bytes(src.read_bytes())
+    (inputs / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    (inputs / "notes.txt").write_text("not an image")
+    (inputs / ".DS_Store").write_bytes(b"\x00")  # hidden clutter: ignored, not an error row
+    before = {p: _digest(p) for p in inputs.rglob("*") if p.is_file()}
+
+    out = tmp_path / "out"
+    code = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
+                 "--batch-size", "2", "--uncertainty-samples", "2", *QUIET])
+    assert code == 0
+    assert "3 image(s) predicted" in capsys.readouterr().out
+
+    rows = {Path(r["path"]).name: r for r in _read_csv(out / "scores.csv")}
+    assert set(rows) == {"a.png", "b.png", "c.png", "corrupt.png", "notes.txt"}
+    assert rows["corrupt.png"]["error"] and rows["corrupt.png"]["score"] == ""
+    assert "not an image" in rows["notes.txt"]["error"]
+    for name, stem in (("a.png", "a"), ("b.png", "b"), ("c.png", "sub_c")):  # named by their path in the input folder
+        assert rows[name]["error"] == "" and rows[name]["decision"] in ("anomalous", "normal")
+        assert rows[name]["overlay"] == f"{stem}_overlay.png" and (out / f"{stem}_overlay.png").is_file()
+    assert {p: _digest(p) for p in inputs.rglob("*") if p.is_file()} == before  # inputs untouched
+
+
+def test_outputs_never_overwrite_inputs(checkpoint, demo, tmp_path, capsys):
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    src = _test_images(demo)[0]
+    (inputs / "x.png").write_bytes(src.read_bytes())
+
+    # an output folder inside the input folder is refused before anything is written
+    code = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(inputs / "results"), *QUIET])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "inside the input folder" in err and "Traceback" not in err
+    assert not (inputs / "results").exists()
+
+    # an input whose name is another input's output name is never replaced: that input gets an error row instead
+    (inputs / "x_overlay.png").write_bytes(src.read_bytes())
+    digest = _digest(inputs / "x_overlay.png")
+    predictor = URANetPredictor(checkpoint, num_samples=0)
+    rows = predictor.predict_files([inputs / "x.png", inputs / "x_overlay.png"], inputs, progress=False)
+    assert _digest(inputs / "x_overlay.png") == digest
+    assert "overwrite" in rows[0]["error"] and rows[1]["error"] == ""
+    with pytest.raises(ValueError, match="inside the input folder"):
+        predictor.predict_files([inputs / "x.png"], inputs / "out", input_root=inputs, progress=False)
+
+
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
+    missing = tmp_path / "nowhere" / "model.pt"
+    image = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+    assert main(["predict", "--checkpoint", str(missing), "--input", str(image), "--output", str(tmp_path / "o"), *QUIET]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("ura-monai: error:") and str(missing) in err and "\n" not in err and "Traceback" not in err
+
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"definitely not a checkpoint")
+    assert main(["predict", "--checkpoint", str(garbage), "--input", str(image), "--output", str(tmp_path / "o"), *QUIET]) == 2
+    assert str(garbage) in capsys.readouterr().err
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["predict", "--checkpoint", str(garbage), "--input", str(empty), "--output", str(tmp_path / "o"), *QUIET]) == 2
+    assert "no files" in capsys.readouterr().err
+
+    assert main(["fit", "--layout", "mvtec", "--root", str(tmp_path / "missing_root"), "--output", str(tmp_path / "f"), *QUIET]) == 2
+    assert "missing_root" in capsys.readouterr().err
+
+    with pytest.raises(FileNotFoundError):  # --debug shows the real exception
+        main(["predict", "--checkpoint", str(missing), "--input", str(image), "--output", str(tmp_path / "o"), "--debug", *QUIET])
+
+
+def test_predictor_outputs_are_at_the_original_size(checkpoint, tmp_path):
+    predictor = URANetPredictor(checkpoint, num_samples=2, batch_size=3)
+    assert isinstance(predictor, SlicePredictor)
+    assert predictor.image_size == SIZE and predictor.image_threshold is not None and predictor.pixel_threshold is not None
+
+    out = predictor(torch.rand(4, 1, 40, 90))  # grey, non-square, batch larger than batch_size
+    assert out["anomaly_map"].shape == (4, 40, 90) and out["uncertainty_map"].shape == (4, 40, 90)
+    assert out["pred_score"].shape == (4,) and out["pred_label"].dtype == torch.bool
+    assert torch.equal(out["pred_label"], out["pred_score"] >= predictor.image_threshold)
+    assert ((out["pred_score_normalized"] >= 0) & (out["pred_score_normalized"] <= 1)).all()
+
+    rng = np.random.default_rng(0)
+    files = {"grey.png": (50, 77), "colour.jpg": (100, 60)}
+    Image.fromarray(rng.integers(0, 255, (50, 77), dtype=np.uint8)).save(tmp_path / "grey.png")
+    Image.fromarray(rng.integers(0, 255, (100, 60, 3), dtype=np.uint8)).save(tmp_path / "colour.jpg")
+    out_dir = tmp_path / "pred"
+    rows = predictor.predict_files([tmp_path / name for name in files], out_dir, progress=False)
+    assert all(r["error"] == "" for r in rows)
+    for name, size in files.items():
+        stem = Path(name).stem
+        assert np.load(out_dir / f"{stem}_anomaly_map.npy").shape == size
+        uncertainty = np.load(out_dir / f"{stem}_uncertainty.npy")
+        assert uncertainty.shape == size and uncertainty.dtype == np.float32
+        with Image.open(out_dir / f"{stem}_overlay.png") as overlay:
+            assert overlay.size == (size[1], size[0]) and overlay.mode == "RGB"
+
+
+def test_fit_is_deterministic(demo, checkpoint, tmp_path, capsys):
+    # the same settings as the demo's own fit: a second fit with the same seed must give the same model
+    out = tmp_path / "fit"
+    code = main(["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--image-size", str(SIZE),
+                 "--epochs", "1", "--seed", "0", "--output", str(out), *QUIET])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert Path(summary["checkpoint"]) == out / "model.pt"
+    assert math.isfinite(summary["postprocessing"]["image_threshold"])
+
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1) for p in _test_images(demo)[:4]])
+    first = URANetPredictor(checkpoint, num_samples=2)(images)
+    second = URANetPredictor(out / "model.pt", num_samples=2)(images)
+    for key in ("anomaly_map", "uncertainty_map", "pred_score"):
+        assert torch.allclose(first[key], second[key], atol=1e-6, rtol=0), key
+    assert summary["postprocessing"] == pytest.approx(torch.load(checkpoint, weights_only=True)["postprocessing"], abs=1e-6)
+
+
+def test_python_dash_m_entry_point(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["ura-monai", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("ura_monai", run_name="__main__")
+    assert exit_info.value.code == 0
+    assert "predict" in capsys.readouterr().out
+
+
+def test_cli_choices_match_the_library():
+    # the CLI lists them itself so that `--help` does not import torch
+    from ura_monai import cli
+    from ura_monai.engines.features import AUGMENTATIONS
+    from ura_monai.networks.blocks.anomaly_map import SCORE_MODES
+    from ura_monai.networks.blocks.feature_extractor import BACKBONE_LEVELS
+
+    assert set(cli.SCORE_MODES) == set(SCORE_MODES)
+    assert set(cli.AUGMENTATIONS) == set(AUGMENTATIONS)
+    assert set(cli.BACKBONES) == set(BACKBONE_LEVELS)
