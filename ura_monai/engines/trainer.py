@@ -46,7 +46,8 @@ class URANetTrainer(SupervisedTrainer):
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         with torch.autocast(device.type, enabled=engine.amp and device.type == "cuda", **engine.amp_kwargs):
-            outputs = model.forward_features(features, synthesize=True, generator=self.fasm_generator)
+            # through the (possibly DDP-wrapped) network, so that gradients are synchronised across ranks
+            outputs = engine.network(features=features, synthesize=True, generator=self.fasm_generator)
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             losses = engine.loss_function(outputs, model)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)

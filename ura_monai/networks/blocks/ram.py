@@ -39,9 +39,21 @@ class RestorationAttention(nn.Module):
         embed_dim: width of the query/key projections.
         num_heads: attention heads; their attention-weighted features are averaged (still a convex combination).
         exclude_radius: Chebyshev radius of the masked neighbourhood around each query (0 masks only itself).
+        distance_attention: add ``-||x_i - p_k||^2 / (C * tau)`` to the logits of the prototypes, with a learned
+            temperature ``tau`` (set from the data by ``init_prototypes``): a soft nearest-neighbour term in
+            feature space, so a position is restored mostly from the normal prototypes closest to it. Without
+            it the learned projections alone decide, and the restoration blurs towards an average.
     """
 
-    def __init__(self, channels: int, num_prototypes: int = 1024, embed_dim: int = 128, num_heads: int = 4, exclude_radius: int = 1) -> None:
+    def __init__(
+        self,
+        channels: int,
+        num_prototypes: int = 1024,
+        embed_dim: int = 128,
+        num_heads: int = 4,
+        exclude_radius: int = 1,
+        distance_attention: bool = True,
+    ) -> None:
         super().__init__()
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} must be divisible by num_heads {num_heads}")
@@ -52,6 +64,8 @@ class RestorationAttention(nn.Module):
         self.norm = nn.LayerNorm(channels)
         self.query = nn.Linear(channels, embed_dim)
         self.key = nn.Linear(channels, embed_dim)
+        self.distance_attention = distance_attention
+        self.log_temperature = nn.Parameter(torch.zeros(()))
         self._exclusion_cache: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -66,6 +80,10 @@ class RestorationAttention(nn.Module):
         if idx.numel() < k:  # fewer tokens than prototypes: repeat
             idx = idx[torch.arange(k) % idx.numel()]
         self.prototypes.copy_(tokens[idx.to(tokens.device)].to(self.prototypes))
+        # temperature start: the median squared distance (per channel) from a token to its nearest prototype
+        sample = tokens[torch.randperm(tokens.shape[0], generator=generator)[:2048].to(tokens.device)]
+        nearest = torch.cdist(sample, self.prototypes.to(sample)).amin(dim=1).pow(2) / self.channels
+        self.log_temperature.fill_(torch.log(nearest.median().clamp_min(1e-6)).item())
 
     def _exclusion(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         key = (h, w, self.exclude_radius, str(device))
@@ -107,6 +125,15 @@ class RestorationAttention(nn.Module):
         heads, d = self.num_heads, q.shape[-1] // self.num_heads
         q = q.view(b, n, heads, d).transpose(1, 2)
         keys = keys.view(b, -1, heads, d).transpose(1, 2)
+        if self.distance_attention:
+            # prototypes only: an anomalous region is always close to itself in feature space, so a distance
+            # term on the image's own positions would let it copy its anomalous neighbours whatever p says
+            protos_b = values[:, n:]
+            sq = tokens.pow(2).sum(-1, keepdim=True) + protos_b.pow(2).sum(-1).unsqueeze(1) - 2 * torch.bmm(tokens, protos_b.transpose(1, 2))
+            # relative to each query's nearest prototype: the term ranks prototypes among themselves and does not
+            # shift the prototypes as a group against the image's context, however far the query is from normal
+            sq = sq - sq.amin(dim=-1, keepdim=True)
+            bias = torch.cat([bias[:, :, :n], bias[:, :, n:] - sq / (c * self.log_temperature.exp())], dim=2)
         logits = torch.matmul(q, keys.transpose(-1, -2)) * d**-0.5 + bias.unsqueeze(1)  # (B, H, N, N + K)
         # averaging the heads' weights first equals averaging their outputs (the values are shared), keeps a
         # convex combination, and multiplies the C-channel values once instead of once per head

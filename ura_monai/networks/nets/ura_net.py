@@ -18,6 +18,7 @@ from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
 __all__ = ["URANet"]
 
 MAP_SOURCES = ("restoration", "restored", "perception")
+RESIDUALS = ("l2", "cosine")
 
 
 class URANet(nn.Module):
@@ -51,6 +52,9 @@ class URANet(nn.Module):
         embed_dim: RAM query/key width.
         num_heads: RAM attention heads.
         exclude_radius: RAM masks this Chebyshev neighbourhood around each query (no self-copying).
+        distance_attention: RAM adds a learned-temperature feature-distance term to its attention logits.
+        residual: ``"l2"`` (Euclidean distance of the concatenated features, as nearest-neighbour detectors use)
+            or ``"cosine"`` (``1 - cos`` per level, summed) between input and restored features.
         anomaly_map_source: what the map is the residual of: ``"restoration"`` (1 - cos between input
             features and their restoration from normal context), ``"restored"`` (against the perception-gated
             restored features) or ``"perception"`` (the anomaly probability itself).
@@ -83,6 +87,8 @@ class URANet(nn.Module):
         embed_dim: int = 128,
         num_heads: int = 4,
         exclude_radius: int = 1,
+        distance_attention: bool = True,
+        residual: str = "l2",
         anomaly_map_source: str = "restoration",
         sigma: float = 4.0,
         score_mode: str = "max",
@@ -101,6 +107,9 @@ class URANet(nn.Module):
         elif anomaly_map_source == "perception" and not use_uiapm:
             raise ValueError("anomaly_map_source='perception' needs use_uiapm=True")
         self.anomaly_map_source = anomaly_map_source
+        if residual not in RESIDUALS:
+            raise ValueError(f"residual must be one of {RESIDUALS}, got '{residual}'")
+        self.residual = residual
         self.score_mode, self.top_k = score_mode, top_k
         image_score(torch.zeros(1, 1, 2, 2), score_mode, top_k)  # fail early on a bad mode
 
@@ -115,7 +124,7 @@ class URANet(nn.Module):
             else None
         )
         self.uiapm = UncertaintyAnomalyPerception(channels, perception_hidden, latent_channels, num_samples) if use_uiapm else None
-        self.ram = RestorationAttention(channels, num_prototypes, embed_dim, num_heads, exclude_radius) if use_ram else None
+        self.ram = RestorationAttention(channels, num_prototypes, embed_dim, num_heads, exclude_radius, distance_attention) if use_ram else None
         self.map_generator = AnomalyMapGenerator(sigma)
 
     # ------------------------------------------------------------------ features -> URA-Net
@@ -147,21 +156,40 @@ class URANet(nn.Module):
         """Anomaly map on the feature grid (B, 1, h, w), from ``forward_features`` outputs."""
         if self.anomaly_map_source == "perception":
             return outputs["probability"]
-        return feature_residual(outputs["input"], outputs[self.anomaly_map_source], self.level_channels)
+        restored = outputs[self.anomaly_map_source]
+        if self.residual == "l2":
+            return (outputs["input"] - restored).norm(dim=1, keepdim=True)
+        return feature_residual(outputs["input"], restored, self.level_channels)
 
     # ------------------------------------------------------------------ images -> maps and scores
-    def forward(self, images: torch.Tensor, num_samples: int | None = None) -> dict[str, torch.Tensor]:
-        """Inference.
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        num_samples: int | None = None,
+        features: torch.Tensor | None = None,
+        synthesize: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Inference on images; or, given ``features``, the training forward (``forward_features``).
+
+        The training forward goes through ``forward`` so that a ``DistributedDataParallel`` wrapper sees it
+        and synchronises gradients.
 
         Args:
             images: (B, 1 or 3, H, W) intensities in [0, 1].
             num_samples: perception passes for the uncertainty map (default: the configured ``num_samples``;
                 0 skips them and returns a zero uncertainty map, the fastest path).
+            features: backbone features (B, C, h, w) instead of images: returns ``forward_features`` outputs.
+            synthesize, generator: passed to ``forward_features`` with ``features``.
 
         Returns:
             ``anomaly_map`` (B, 1, H, W), ``uncertainty_map`` (B, 1, H, W), ``pred_score`` (B,) and, when the
             perception module is on, ``perception_map`` (B, 1, H, W), the anomaly probability.
         """
+        if features is not None:
+            return self.forward_features(features, synthesize, num_samples, generator)
+        if images is None:
+            raise ValueError("URANet.forward needs images or features")
         size = images.shape[-2:]
         features = self.feature_extractor(images)
         outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
