@@ -24,6 +24,7 @@ from ura_monai.engines.workflow import _loader, fit, split_normal_validation, te
 from ura_monai.metrics import aupro, f1_max, image_auroc, pixel_auroc
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
+from ura_monai.networks.checkpoint import load_checkpoint
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
 ABLATIONS = {"no_fasm": {"use_fasm": False}, "no_uiapm": {"use_uiapm": False}, "no_ram": {"use_ram": False}}
@@ -67,7 +68,7 @@ def _metrics(scores, labels, maps, masks) -> dict:
     return out
 
 
-def run_model(train_items, test_items, args, model_kwargs: dict, tag: str) -> dict:
+def run_model(train_items, test_items, args, model_kwargs: dict, tag: str, map_sources: tuple[str, ...] = ()) -> dict:
     out_dir = f"{args.work_dir}/{tag}"
     fitted = fit(
         train_items, out_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
@@ -75,10 +76,16 @@ def run_model(train_items, test_items, args, model_kwargs: dict, tag: str) -> di
         model_kwargs={"backbone": args.backbone, "score_mode": args.score_mode, **model_kwargs},
     )
     result = test(fitted["checkpoint"], test_items, f"{out_dir}/test", device=args.device, progress=False)
-    return {k: round(result[k], 4) for k in METRIC_KEYS} | {
+    figures = {k: round(result[k], 4) for k in METRIC_KEYS} | {
         "fit_seconds": fitted["fit_seconds"],
         "test_images_per_second": result["test_images_per_second"],
     }
+    # the same trained model with its other anomaly-map definitions (inference-only switches)
+    for source in map_sources:
+        model, _ = load_checkpoint(fitted["checkpoint"], args.device, anomaly_map_source=source)
+        other = test(model, test_items, device=args.device, progress=False)
+        figures[f"map_{source}"] = {k: round(other[k], 4) for k in METRIC_KEYS} | {"test_images_per_second": other["test_images_per_second"]}
+    return figures
 
 
 def main(argv=None) -> dict:
@@ -107,7 +114,7 @@ def main(argv=None) -> dict:
     test_items = build_datalist(args.layout, args.root, args.category, "test", **kw)
     device = torch.device(args.device)
 
-    result = run_model(train_items, test_items, args, {}, "full")
+    result = run_model(train_items, test_items, args, {}, "full", map_sources=("restoration", "restored", "perception"))
     # the reference sees the same training images as URA-Net (minus the normal validation split)
     fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
     result["reference"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in nearest_neighbour_reference(fit_items, test_items, args, device).items()}

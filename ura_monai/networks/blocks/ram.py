@@ -85,6 +85,22 @@ class RestorationAttention(nn.Module):
         nearest = torch.cdist(sample, self.prototypes.to(sample)).amin(dim=1).pow(2) / self.channels
         self.log_temperature.fill_(torch.log(nearest.median().clamp_min(1e-6)).item())
 
+    def prototype_distance(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Euclidean distance from each position's features to the nearest normal prototype, (B, 1, h, w).
+
+        The restoration from the global normal memory in its hard form (the nearest prototype as the restored
+        feature); computed by matrix products in query chunks, so memory stays bounded.
+        """
+        b, c, h, w = features.shape
+        tokens = features.permute(0, 2, 3, 1).reshape(-1, c)
+        protos = self.prototypes.to(features.dtype)
+        proto_sq = protos.pow(2).sum(-1)
+        nearest = []
+        for part in tokens.split(chunk):
+            sq = part.pow(2).sum(-1, keepdim=True) + proto_sq - 2 * part @ protos.T
+            nearest.append(sq.amin(dim=1))
+        return torch.cat(nearest).clamp_min(0).sqrt().view(b, h, w).unsqueeze(1)
+
     def _exclusion(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         key = (h, w, self.exclude_radius, str(device))
         if key not in self._exclusion_cache:

@@ -17,7 +17,7 @@ from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
 
 __all__ = ["URANet"]
 
-MAP_SOURCES = ("restoration", "restored", "perception")
+MAP_SOURCES = ("prototype", "restoration", "restored", "perception")
 RESIDUALS = ("l2", "cosine")
 
 
@@ -55,9 +55,12 @@ class URANet(nn.Module):
         distance_attention: RAM adds a learned-temperature feature-distance term to its attention logits.
         residual: ``"l2"`` (Euclidean distance of the concatenated features, as nearest-neighbour detectors use)
             or ``"cosine"`` (``1 - cos`` per level, summed) between input and restored features.
-        anomaly_map_source: what the map is the residual of: ``"restoration"`` (1 - cos between input
-            features and their restoration from normal context), ``"restored"`` (against the perception-gated
-            restored features) or ``"perception"`` (the anomaly probability itself).
+        anomaly_map_source: what the map is the residual of: ``"prototype"`` (each input feature against its
+            nearest learned normal prototype: the RAM's global normal memory in its hard form; the default, the
+            best on our benchmarks, and the fastest, since it needs no attention at inference),
+            ``"restoration"`` (against the RAM's attention restoration from normal context and prototypes),
+            ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the anomaly
+            probability itself). See docs/design.md for the measurements behind the default.
         sigma: Gaussian smoothing of the map, in pixels.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of pixels averaged by ``topk_mean``.
@@ -89,7 +92,7 @@ class URANet(nn.Module):
         exclude_radius: int = 1,
         distance_attention: bool = True,
         residual: str = "l2",
-        anomaly_map_source: str = "restoration",
+        anomaly_map_source: str = "prototype",
         sigma: float = 4.0,
         score_mode: str = "max",
         top_k: float = 0.01,
@@ -156,6 +159,8 @@ class URANet(nn.Module):
         """Anomaly map on the feature grid (B, 1, h, w), from ``forward_features`` outputs."""
         if self.anomaly_map_source == "perception":
             return outputs["probability"]
+        if self.anomaly_map_source == "prototype":
+            return self.ram.prototype_distance(outputs["input"])
         restored = outputs[self.anomaly_map_source]
         if self.residual == "l2":
             return (outputs["input"] - restored).norm(dim=1, keepdim=True)
@@ -183,8 +188,10 @@ class URANet(nn.Module):
             synthesize, generator: passed to ``forward_features`` with ``features``.
 
         Returns:
-            ``anomaly_map`` (B, 1, H, W), ``uncertainty_map`` (B, 1, H, W), ``pred_score`` (B,) and, when the
-            perception module is on, ``perception_map`` (B, 1, H, W), the anomaly probability.
+            ``anomaly_map`` (B, 1, H, W), ``uncertainty_map`` (B, 1, H, W; zeros when the perception module did
+            not run), ``pred_score`` (B,) and, when the perception module ran, ``perception_map`` (B, 1, H, W),
+            the anomaly probability. With the default ``prototype`` map the perception module runs only for
+            ``num_samples > 0``: ``num_samples=0`` is the fast path (map and score only).
         """
         if features is not None:
             return self.forward_features(features, synthesize, num_samples, generator)
@@ -192,8 +199,17 @@ class URANet(nn.Module):
             raise ValueError("URANet.forward needs images or features")
         size = images.shape[-2:]
         features = self.feature_extractor(images)
-        outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
-        anomaly_map = self.map_generator(self.grid_anomaly_map(outputs), size)
+        t = (self.uiapm.num_samples if self.uiapm is not None else 0) if num_samples is None else num_samples
+        if self.anomaly_map_source == "prototype":
+            # the map needs no attention; the perception module runs only when its maps are asked for
+            outputs = {"input": features}
+            if self.uiapm is not None and t > 0:
+                outputs.update(self.uiapm(features, t)._asdict())
+            grid_map = self.ram.prototype_distance(features)
+        else:
+            outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
+            grid_map = self.grid_anomaly_map(outputs)
+        anomaly_map = self.map_generator(grid_map, size)
         result = {"anomaly_map": anomaly_map, "pred_score": image_score(anomaly_map, self.score_mode, self.top_k)}
         if "probability" in outputs:
             up = torch.nn.functional.interpolate
