@@ -31,12 +31,18 @@ ABLATIONS = {"no_fasm": {"use_fasm": False}, "no_uiapm": {"use_uiapm": False}, "
 
 
 @torch.no_grad()
-def nearest_neighbour_reference(train_items, test_items, args, device) -> dict:
-    """PatchCore without coreset on the same extractor, training views and smoothing as URA-Net."""
+def nearest_neighbour_reference(train_items, test_items, args, device, subset: int | None = None) -> dict:
+    """PatchCore without coreset on the same extractor, training views and smoothing as URA-Net.
+
+    With ``subset``, the memory is that many training patches drawn at random (seeded): the peer of URA-Net's
+    prototype memory of the same size.
+    """
     start = time.perf_counter()
     extractor = PretrainedFeatureExtractor(args.backbone, image_size=args.image_size).to(device)
     bank = extract_feature_bank(extractor, _loader(train_items, args.image_size, 8, 0), device, args.augment, progress=False)
     memory = bank.permute(0, 2, 3, 1).reshape(-1, bank.shape[1]).to(device)
+    if subset is not None:
+        memory = memory[torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(args.seed))[:subset].to(device)]
     fit_seconds = time.perf_counter() - start
     generator = AnomalyMapGenerator(sigma=4.0).to(device)
     scores, labels, maps, masks = [], [], [], []
@@ -104,6 +110,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also run with each of FASM, UIAPM, RAM switched off")
+    parser.add_argument("--reference-only", action="store_true", help="only the nearest-neighbour references (no training)")
     parser.add_argument("--work-dir", default="outputs/bench_quality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -114,11 +121,13 @@ def main(argv=None) -> dict:
     test_items = build_datalist(args.layout, args.root, args.category, "test", **kw)
     device = torch.device(args.device)
 
-    result = run_model(train_items, test_items, args, {}, "full", map_sources=("restoration", "restored", "perception"))
-    # the reference sees the same training images as URA-Net (minus the normal validation split)
+    result = {} if args.reference_only else run_model(train_items, test_items, args, {}, "full", map_sources=("restoration", "restored", "perception"))
+    # the references see the same training images as URA-Net (minus the normal validation split)
     fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
-    result["reference"] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in nearest_neighbour_reference(fit_items, test_items, args, device).items()}
-    if args.ablation:
+    rounded = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
+    result["reference"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device))
+    result["reference_random_1024"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device, subset=1024))
+    if args.ablation and not args.reference_only:
         result["ablation"] = {tag: run_model(train_items, test_items, args, kw_, tag) for tag, kw_ in ABLATIONS.items()}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("work_dir",)} | {
         "train_images": len(train_items), "test_images": len(test_items), "torch_threads": torch.get_num_threads(),

@@ -25,7 +25,6 @@ there). The exported graph has the batch size and image size it was traced with 
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -38,14 +37,13 @@ from ura_monai.networks.nets.ura_net import URANet
 
 __all__ = ["URANetExport", "ARCHITECTURE_KEYS", "check_checkpoint_config"]
 
-logger = logging.getLogger("ura_monai")
 
-# config keys that change the weights' shapes or meaning; the others (num_samples, score_mode, sigma, ...) are
-# inference options that may differ between the checkpoint and a config
+# config keys that change the weights' shapes or what the map measures (and so what the thresholds mean); the others
+# (num_samples, score_mode, sigma, ...) are inference options that may differ between the checkpoint and a config
 ARCHITECTURE_KEYS = (
     "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "use_fasm", "use_uiapm", "use_ram",
     "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
-    "anomaly_map_source",
+    "distance_attention", "anomaly_map_source", "residual",
 )
 
 

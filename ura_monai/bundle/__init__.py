@@ -1,0 +1,49 @@
+"""Glue that the MONAI bundle ``bundles/ura_net_oct`` (and the presets in ``configs/``) call from their configs.
+
+- :mod:`.checks`: validation run in ``initialize`` (preset keys, ``dataset_dir``, ``category``, checkpoints,
+  inference inputs), so that bad input fails before any work starts, naming the key or path;
+- :mod:`.data`: training / validation / threshold splits, the test split, inference inputs;
+- :mod:`.training`: the cached-feature dataset (and prototype initialisation), the trainer, the LR schedule,
+  rank helpers.
+
+Handlers live in :mod:`ura_monai.handlers`, metrics in :mod:`ura_monai.metrics.validation`, the export wrapper in
+:mod:`ura_monai.networks.nets.export`.
+"""
+
+from .checks import (
+    INPUT_TYPES,
+    LAYOUTS,
+    PRESET_DEFAULTS,
+    check_category,
+    check_checkpoint,
+    check_dataset_dir,
+    check_evaluation_config,
+    check_inference_config,
+    check_preset,
+    check_training_config,
+)
+from .data import list_input_files, oct_abnormal_validation, test_datalist, training_splits
+from .training import CosineDecay, FeatureCacheDataset, URANetBundleTrainer, is_rank0, rank, unwrap
+
+__all__ = [
+    "INPUT_TYPES",
+    "LAYOUTS",
+    "PRESET_DEFAULTS",
+    "CosineDecay",
+    "FeatureCacheDataset",
+    "URANetBundleTrainer",
+    "check_category",
+    "check_checkpoint",
+    "check_dataset_dir",
+    "check_evaluation_config",
+    "check_inference_config",
+    "check_preset",
+    "check_training_config",
+    "is_rank0",
+    "list_input_files",
+    "oct_abnormal_validation",
+    "rank",
+    "test_datalist",
+    "training_splits",
+    "unwrap",
+]

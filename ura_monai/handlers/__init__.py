@@ -1,0 +1,14 @@
+"""Ignite handlers for URA-Net workflows (bundle configs): project checkpoints with thresholds, early stopping on
+validation, evaluation reports."""
+
+from .checkpoint import URANetCheckpointLoader, URANetCheckpointSaver, compute_thresholds
+from .metrics_writer import AnomalyMetricsWriter
+from .validation import ValidationEarlyStopping
+
+__all__ = [
+    "AnomalyMetricsWriter",
+    "URANetCheckpointLoader",
+    "URANetCheckpointSaver",
+    "ValidationEarlyStopping",
+    "compute_thresholds",
+]

@@ -1,0 +1,203 @@
+"""Ignite handlers that write and read the project's URA-Net checkpoints from MONAI workflows (bundle configs).
+
+The checkpoint format is :func:`ura_monai.networks.checkpoint.save_checkpoint`'s: the network's config, its
+trainable weights and the post-processing statistics (thresholds), so a bundle's ``models/model.pt`` loads with
+``ura-monai predict``, :class:`ura_monai.inference.predictor.URANetPredictor` and ``load_checkpoint``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from ura_monai.bundle.training import is_rank0, unwrap
+from ura_monai.networks.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
+from ura_monai.networks.nets.export import check_checkpoint_config
+from ura_monai.transforms.thresholds import normal_postprocessing_stats
+
+__all__ = ["URANetCheckpointSaver", "URANetCheckpointLoader", "compute_thresholds"]
+
+logger = logging.getLogger("ura_monai")
+
+
+def compute_thresholds(
+    network: torch.nn.Module,
+    data: Sequence[dict[str, Any]],
+    image_size: int,
+    channels: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Image and pixel thresholds from held-out normal images, as ``workflow.fit`` sets them.
+
+    The network runs without uncertainty passes (``num_samples=0``); the statistics are
+    :func:`ura_monai.transforms.thresholds.normal_postprocessing_stats` of the scores and maps.
+    """
+    from monai.data import DataLoader, Dataset
+
+    from ura_monai.data import anomaly_transforms
+    from ura_monai.engines.evaluator import URANetEvaluator
+
+    model = unwrap(network)
+    was_training = model.training
+    loader = DataLoader(Dataset(list(data), transform=anomaly_transforms(image_size, augment=False, channels=channels)), batch_size=batch_size, num_workers=num_workers)
+    evaluator = URANetEvaluator(device=torch.device(device), val_data_loader=loader, network=model, num_samples=0, amp=amp)
+    scores: list[torch.Tensor] = []
+    maps: list[torch.Tensor] = []
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _collect(engine: Engine) -> None:
+        scores.append(engine.state.output["pred_score"].reshape(-1))
+        maps.append(engine.state.output["anomaly_map"])
+
+    evaluator.run()
+    model.train(was_training)
+    return normal_postprocessing_stats(torch.cat(scores), torch.cat(maps))
+
+
+class URANetCheckpointSaver:
+    """Save URA-Net checkpoints with thresholds: the last one when training completes and, with a validator, the
+    best one whenever the validator's key metric improves.
+
+    Only rank 0 writes (in distributed training the other ranks skip). Thresholds come from ``threshold_data``,
+    normal images held out from training (see :func:`ura_monai.bundle.training_splits`), through
+    :func:`compute_thresholds`. The checkpoint's ``extra`` records ``extra`` plus the epoch, the key metric and
+    the time it was written.
+
+    Args:
+        save_dir: folder of the checkpoints (created when missing), e.g. ``<bundle_root>/models``.
+        network: the URANet being trained (a DDP wrapper is unwrapped).
+        threshold_data: datalist of held-out normal images.
+        image_size: the network's input size (the transforms' resize).
+        channels: how images are loaded (None as stored, 1 grey, 3 RGB).
+        batch_size, device, num_workers, amp: of the threshold pass.
+        validator: the validation evaluator; None writes the final checkpoint only.
+        final_filename: file name of the checkpoint written when training completes (``model.pt``).
+        best_filename: file name of the best-validation checkpoint (``model_best.pt``); None: not written.
+        extra: values recorded in the checkpoint's ``extra`` (dataset, preset, seed, ...).
+    """
+
+    def __init__(
+        self,
+        save_dir: str | os.PathLike,
+        network: torch.nn.Module,
+        threshold_data: Sequence[dict[str, Any]],
+        image_size: int,
+        channels: int | None = None,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        amp: bool = False,
+        validator: Engine | None = None,
+        final_filename: str = "model.pt",
+        best_filename: str | None = "model_best.pt",
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not threshold_data:
+            raise ValueError("URANetCheckpointSaver needs held-out normal images (threshold_data) to set thresholds")
+        self.save_dir = Path(save_dir)
+        self.network = network
+        self.threshold_data = list(threshold_data)
+        self.image_size = int(image_size)
+        self.channels = channels
+        self.batch_size = int(batch_size)
+        self.device = device
+        self.num_workers = int(num_workers)
+        self.amp = bool(amp)
+        self.validator = validator
+        self.final_filename = final_filename
+        self.best_filename = best_filename
+        self.extra = dict(extra or {})
+        self.trainer: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Attach to the trainer (and, for the best checkpoint, to the validator)."""
+        self.trainer = engine
+        engine.add_event_handler(Events.COMPLETED, self.save_final)
+        if self.validator is not None and self.best_filename:
+            # after the validator's own EPOCH_COMPLETED handlers, which include MONAI's best-metric bookkeeping
+            self.validator.add_event_handler(Events.EPOCH_COMPLETED, self.save_best)
+
+    def _save(self, filename: str, info: Mapping[str, Any]) -> Path | None:
+        if not is_rank0():
+            return None
+        stats = compute_thresholds(
+            self.network, self.threshold_data, self.image_size, self.channels, self.batch_size, self.device, self.num_workers, self.amp
+        )
+        extra = {
+            **self.extra,
+            "image_size": self.image_size,
+            "threshold_images": len(self.threshold_data),
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            **info,
+        }
+        path = save_checkpoint(self.save_dir / filename, unwrap(self.network), stats, extra)
+        logger.info("wrote %s (%s)", path, ", ".join(f"{k}={v}" for k, v in info.items()))
+        return path
+
+    def save_final(self, engine: Engine) -> Path | None:
+        """Write ``final_filename`` (called when training completes, also after early stopping)."""
+        return self._save(self.final_filename, {"epoch": int(engine.state.epoch), "max_epochs": int(engine.state.max_epochs)})
+
+    def save_best(self, validator: Engine) -> Path | None:
+        """Write ``best_filename`` when this validation set a new best key metric."""
+        state = validator.state
+        if state.key_metric_name is None or state.best_metric_epoch != state.epoch:
+            return None
+        epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(state.epoch)
+        return self._save(self.best_filename, {"epoch": epoch, "key_metric": state.key_metric_name, "key_metric_value": float(state.best_metric)})
+
+
+class URANetCheckpointLoader:
+    """Load a project checkpoint into a workflow's URANet when the workflow starts (MONAI's ``CheckpointLoader``
+    reads ignite checkpoints, not this format).
+
+    The checkpoint's architecture settings must match the network's (:func:`check_checkpoint_config`: the error
+    names the settings and the command-line overrides that fix them); the frozen backbone, which the checkpoint
+    does not store, keeps its pretrained weights. The checkpoint's thresholds are put in
+    ``engine.state.postprocessing``.
+
+    Args:
+        load_path: the checkpoint (``models/model.pt``).
+        network: the URANet (a DDP wrapper is unwrapped).
+        map_location: where tensors are loaded before being copied into the network.
+    """
+
+    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
+        self.load_path = Path(load_path)
+        self.network = network
+        self.map_location = map_location
+        self.postprocessing: dict[str, float] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def load(self) -> dict[str, Any]:
+        """Load the weights now; returns the checkpoint dict."""
+        if not self.load_path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {self.load_path}")
+        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
+        if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{self.load_path} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT})")
+        model = unwrap(self.network)
+        check_checkpoint_config(checkpoint.get("config", {}), model.config, str(self.load_path))
+        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+        missing = [k for k in missing if not k.startswith("feature_extractor.")]
+        if missing or unexpected:
+            raise ValueError(f"{self.load_path} does not match the network: missing {missing}, unexpected {unexpected}")
+        self.postprocessing = dict(checkpoint.get("postprocessing") or {})
+        logger.info("loaded %s", self.load_path)
+        return checkpoint
+
+    def __call__(self, engine: Engine) -> None:
+        self.load()
+        engine.state.postprocessing = self.postprocessing
