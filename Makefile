@@ -1,4 +1,4 @@
-# One environment, made from nothing: `make test` (tests) and `make demo` (train + test + predict on demo data).
+# Environments made from nothing: `make test` (both test suites) and `make demo` (train + test + predict on demo data).
 # A torch already in the environment is kept (GPU users: install your CUDA build first, or point VENV at an
 # environment that has it, or use VENV_FLAGS=--system-site-packages); otherwise the CPU build is installed.
 PYTHON ?= python3
@@ -8,7 +8,7 @@ TORCH_CPU ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ura_monai_installed
 
-.PHONY: test demo install clean
+.PHONY: test test-core demo install clean label-env test-label
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -19,11 +19,36 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+# the README's test command (and CI's): the core suite, then the MONAI Label suite in its own environment
+test: test-core test-label
+
+test-core: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
 	$(VENV)/bin/ura-monai demo --output demo_output
 
 clean:
-	rm -rf $(VENV) demo_output outputs
+	rm -rf $(VENV) $(LABEL_VENV) demo_output outputs
+
+# MONAI Label integration (ura_monai.label, apps/ura_net_label): its own environment, .venv-label, because
+# MONAI Label 0.8.5 needs pydicom 2.4.5 where the core needs pydicom>=3 (see requirements-label.txt).
+LABEL_VENV ?= .venv-label
+LABEL_TORCH ?= torch==2.14.1 torchvision==0.29.1
+LABEL_PY := $(LABEL_VENV)/bin/python
+# MONAI Label with --no-deps: requirements-label.txt lists what it needs, less sam2 (see there)
+LABEL_STAMP := $(LABEL_VENV)/.ura_monai_label_installed
+
+$(LABEL_STAMP): pyproject.toml requirements-label.txt
+	test -x $(LABEL_PY) || $(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_PY) -m pip install -q --upgrade pip
+	$(LABEL_PY) -m pip install -q $(LABEL_TORCH)
+	$(LABEL_PY) -m pip install -q -r requirements-label.txt $(LABEL_TORCH) "pytest>=7"
+	$(LABEL_PY) -m pip install -q --no-deps monailabel==0.8.5
+	$(LABEL_PY) -m pip install -q --no-deps -e .
+	touch $(LABEL_STAMP)
+
+label-env: $(LABEL_STAMP)
+
+test-label: $(LABEL_STAMP)
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(LABEL_PY) -m pytest -q -p no:cacheprovider tests_label
