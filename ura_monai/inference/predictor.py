@@ -95,6 +95,9 @@ class URANetPredictor:
         batch_size: images per forward pass.
         seed: seed of the uncertainty sampling, forked from the global RNG so that the same inputs give the same
             uncertainty maps; ``None`` draws from the global RNG.
+        fast: run the fast inference path (:class:`ura_monai.inference.fast.FastURANet`, the same maps within
+            float rounding): ``True`` for its defaults, or a dict of its options, e.g.
+            ``{"dtype": "bf16", "channels_last": True}`` on a GPU. Default: the reference path.
 
     Attributes:
         model: the network (eval mode) on ``device``.
@@ -117,6 +120,7 @@ class URANetPredictor:
         num_samples: int | None = None,
         batch_size: int = 8,
         seed: int | None = 0,
+        fast: bool | dict[str, Any] = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -128,6 +132,11 @@ class URANetPredictor:
         self.num_samples = num_samples
         self.batch_size = int(batch_size)
         self.seed = seed
+        self.network = self.model
+        if fast:
+            from ura_monai.inference.fast import FastURANet
+
+            self.network = FastURANet(self.model, **({} if fast is True else dict(fast)))
         size = self.checkpoint.get("extra", {}).get("image_size") or self.model.config["image_size"]
         self.image_size = int(size)
         post = self.checkpoint.get("postprocessing") or {}
@@ -148,7 +157,7 @@ class URANetPredictor:
                 torch.manual_seed(self.seed)
             for start in range(0, images.shape[0], self.batch_size):
                 batch = images[start : start + self.batch_size].to(self.device, torch.float32)
-                out = self.model(batch, num_samples=self.num_samples)
+                out = self.network(batch, num_samples=self.num_samples)
                 for key in outputs:
                     outputs[key].append(out[key].float().cpu())
         return {key: torch.cat(values) for key, values in outputs.items()}

@@ -1,0 +1,519 @@
+"""Fast URA-Net inference: the maps and scores of ``URANet.forward``, with less work.
+
+:class:`FastURANet` wraps a trained :class:`~ura_monai.networks.nets.ura_net.URANet` (it shares its weights,
+copies nothing) and returns what ``URANet.forward`` returns, the same maps to within float rounding
+(``tests/test_fast_path.py`` checks 1e-3 absolute in fp32; the differences are ~1e-6 relative), but:
+
+- it runs under ``torch.inference_mode`` and never leaves the device: no host syncs, no per-image loops;
+- the perception module's stochastic passes run only when asked for (``num_samples > 0``), in its own batched
+  call (same random draws, in the same order, as the reference path); the ``prototype`` map needs no perception
+  at all and no attention (the module's own chunked nearest-prototype distance, kept in float32 under autocast);
+- the restoration attention (RAM) computes only what the map needs (the restoration; the perception-gated
+  ``restored`` features only when the map is made from them), either in blocks of queries
+  (``attention="chunked"``: the (heads, queries, positions + prototypes) logits of a block stay in cache; the
+  per-key trust bias rides in the logits product as an extra dimension; the excluded neighbourhood is a scatter
+  of -inf at cached indices; the heads' weights are summed before the single value product, as the module does)
+  or through ``scaled_dot_product_attention`` (``attention="sdpa"``, the GPU default: fused kernels, no logits in
+  memory, a cached exclusion mask shared by all images and heads);
+- the residual (L2 or ``1 - cos``) is taken in the attention's token layout, without transposes;
+- upsampling + Gaussian smoothing is one linear map per axis, ``A_y @ grid @ A_x^T``, whose matrices are built
+  once per size from the reference operations themselves (bilinear upsampling, reflect padding, the separable
+  Gaussian): the same operator as two small matrix products on the device;
+- options: autocast (``dtype="bf16"`` or ``"fp16"``; attention logits and softmax of the chunked path, residual,
+  map and score stay float32), ``channels_last`` for the backbone, ``torch.compile`` and CUDA-graph replay
+  (``cuda_graph=True``: one graph per input shape; removes the launch overhead that dominates batch-1 latency).
+
+Example::
+
+    fast = FastURANet(model, dtype="bf16", channels_last=True)   # model on the GPU
+    out = fast(images)            # {"anomaly_map": (B, 1, H, W), "pred_score": (B,), "uncertainty_map": ...}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.layers import separable_filtering
+from torch import nn
+
+from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
+from ura_monai.networks.blocks.ram import RestorationAttention
+
+__all__ = ["FastURANet", "StageTimer", "ATTENTION_MODES", "fast_restoration", "smoothing_matrix", "token_residual", "DTYPES"]
+
+ATTENTION_MODES = ("auto", "chunked", "sdpa")
+DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+# elements of one block of attention logits (heads x queries x keys): ~8 MiB of float32 on the CPU keeps a block
+# in the last-level cache; on the GPU a block is large (the kernels need work) but bounded (memory)
+_CPU_BLOCK_ELEMENTS = 1 << 21
+_GPU_BLOCK_ELEMENTS = 1 << 29
+
+
+def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return None if dtype == torch.float32 else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype '{dtype}'; choose one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
+
+
+class StageTimer:
+    """Times named stages: wall clock on the CPU, CUDA events on the GPU (stream order, no syncs in between).
+
+    ``span(name)`` is a context manager (also a ``torch.profiler`` range); ``start(name)`` / ``stop(name)`` do the
+    same from hooks. ``totals_ms()`` syncs and returns milliseconds per name, summed over repeats.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self._open: dict[str, tuple[Any, Any]] = {}
+        self._done: list[tuple[str, Any, Any]] = []
+
+    def _mark(self) -> Any:
+        if self.device.type == "cuda":
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def start(self, name: str) -> None:
+        rf = torch.profiler.record_function(name)
+        rf.__enter__()
+        self._open[name] = (self._mark(), rf)
+
+    def stop(self, name: str) -> None:
+        begin, rf = self._open.pop(name)
+        rf.__exit__(None, None, None)
+        self._done.append((name, begin, self._mark()))
+
+    @contextlib.contextmanager
+    def span(self, name: str):
+        self.start(name)
+        try:
+            yield
+        finally:
+            self.stop(name)
+
+    def totals_ms(self) -> dict[str, float]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        totals: dict[str, float] = {}
+        for name, begin, end in self._done:
+            ms = begin.elapsed_time(end) if self.device.type == "cuda" else (end - begin) * 1000.0
+            totals[name] = totals.get(name, 0.0) + ms
+        return totals
+
+    def reset(self) -> None:
+        self._open.clear()
+        self._done.clear()
+
+
+# --------------------------------------------------------------------------------------------- smoothing
+def smoothing_matrix(grid: int, size: int, generator: AnomalyMapGenerator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(size, grid) matrix of one axis of ``generator``: bilinear upsampling from ``grid`` to ``size`` samples
+    (``align_corners=False``), then the reflect-padded Gaussian (when ``sigma > 0``).
+
+    Both operations are linear and act on each axis separately, so the 2D map is ``A_y @ grid_map @ A_x^T``.
+    The matrix is made by applying the reference operations (``F.interpolate``, MONAI's ``separable_filtering``
+    with the generator's own kernel) to the unit vectors, in float64.
+    """
+    eye = torch.eye(grid, dtype=torch.float64).unsqueeze(1)  # (grid, 1, grid): one unit signal per row
+    up = F.interpolate(eye, size=size, mode="linear", align_corners=False)  # (grid, 1, size)
+    if generator.sigma > 0:
+        kernel = generator.kernel.to(torch.float64).cpu()
+        up = separable_filtering(up, [kernel], mode="reflect")
+    return up[:, 0].t().contiguous().to(device=device, dtype=torch.float32)
+
+
+def token_residual(features: torch.Tensor, restored: torch.Tensor, level_channels: Sequence[int], eps: float = 1e-6) -> torch.Tensor:
+    """``feature_residual`` on token layout (B, N, C): sum over levels of ``1 - cos``, returns (B, N) float32.
+
+    Same formula as ``torch.nn.functional.cosine_similarity``: each vector divided by ``max(norm, eps)``.
+    """
+    residual = None
+    for f, r in zip(features.split(list(level_channels), dim=-1), restored.split(list(level_channels), dim=-1)):
+        f, r = f.float(), r.float()
+        cos = (f * r).sum(-1) / (torch.linalg.vector_norm(f, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(r, dim=-1).clamp_min(eps))
+        residual = 1.0 - cos if residual is None else residual + (1.0 - cos)
+    return residual
+
+
+# --------------------------------------------------------------------------------------------- attention
+class _ExclusionBias:
+    """Cached float bias (N, N + K): -inf on the excluded neighbourhood of each query, 0 elsewhere."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, h: int, w: int, radius: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (h, w, radius, k, dtype, str(device))
+        bias = self._cache.get(key)
+        if bias is None:
+            yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
+            yy, xx = yy.flatten(), xx.flatten()
+            near = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
+            bias = torch.zeros(h * w, h * w + k, device=device, dtype=dtype)
+            bias[:, : h * w].masked_fill_(near, float("-inf"))
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[key] = bias
+        return bias
+
+
+_EXCLUSION = _ExclusionBias()
+
+
+class _Neighbours:
+    """Cached (N, (2r+1)^2) indices of the excluded neighbourhood of each query (borders repeat the query itself)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, h: int, w: int, radius: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, radius, str(device))
+        index = self._cache.get(key)
+        if index is None:
+            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+            yy, xx = yy.flatten()[:, None], xx.flatten()[:, None]
+            dy, dx = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
+            ny, nx = yy + dy.flatten()[None], xx + dx.flatten()[None]
+            inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
+            index = torch.where(inside, ny * w + nx, yy * w + xx).to(device)
+            if len(self._cache) > 8:
+                self._cache.clear()
+            self._cache[key] = index
+        return index
+
+
+_NEIGHBOURS = _Neighbours()
+
+
+def fast_restoration(
+    ram: RestorationAttention,
+    tokens: torch.Tensor,
+    hw: tuple[int, int],
+    probability: torch.Tensor | None = None,
+    uncertainty: torch.Tensor | None = None,
+    attention: str = "chunked",
+    compute_dtype: torch.dtype | None = None,
+    block_elements: int | None = None,
+) -> torch.Tensor:
+    """The RAM's ``restoration`` for token features (B, N, C), as (B, N, C); same math as ``ram.forward``.
+
+    Args:
+        ram: the restoration attention module (its norm, projections and prototypes are used).
+        tokens: (B, N, C) features, ``N = h * w`` in row-major order.
+        hw: the grid ``(h, w)``.
+        probability, uncertainty: (B, 1, h, w) or None, as for ``ram.forward``.
+        attention: ``"chunked"`` (blocks of queries, weights averaged over heads before the value product, as
+            the module does) or ``"sdpa"`` (``scaled_dot_product_attention`` per head, outputs averaged: the same
+            convex combination, fused kernels).
+        compute_dtype: dtype of the value products (and of the queries and keys of ``sdpa``); None: the
+            tokens' dtype. The norm and projections run in float32, and so do the logits, bias and softmax of
+            the chunked path; the fused kernels of ``sdpa`` keep their logits in float32 internally.
+        block_elements: logits elements per block of the chunked path (default: 2 Mi elements, 8 MiB, on the
+            CPU; 512 Mi elements on the GPU).
+    """
+    with torch.autocast(tokens.device.type, enabled=False):  # dtypes are chosen explicitly below
+        return _restoration(ram, tokens, hw, probability, uncertainty, attention, compute_dtype or tokens.dtype, block_elements)
+
+
+def _restoration(
+    ram: RestorationAttention,
+    tokens: torch.Tensor,
+    hw: tuple[int, int],
+    probability: torch.Tensor | None,
+    uncertainty: torch.Tensor | None,
+    attention: str,
+    dtype: torch.dtype,
+    block_elements: int | None,
+) -> torch.Tensor:
+    b, n, c = tokens.shape
+    h, w = hw
+    device = tokens.device
+    protos = ram.prototypes.to(tokens.dtype).float()  # the module casts them to the features' dtype
+    num_protos = protos.shape[0]
+    m = n + num_protos
+    heads = ram.num_heads
+    # norm and projections in float32 (a few GFLOP even at batch 256; keeps the logits accurate)
+    tokens_f = tokens.float()
+    normed = ram.norm(tokens_f)
+    q = ram.query(normed)
+    k_img = ram.key(normed)
+    k_pro = ram.key(ram.norm(protos))
+    d = q.shape[-1] // heads
+    scale = d**-0.5
+    values = torch.cat([tokens.to(dtype), protos.to(dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)  # (B, N + K, C)
+    keys = torch.cat([k_img, k_pro.unsqueeze(0).expand(b, -1, -1)], dim=1).view(b, m, heads, d)
+
+    log_trust = None
+    if probability is not None:
+        trust = 1.0 - probability.flatten(1).float()
+        if uncertainty is not None:
+            trust = trust * (1.0 - uncertainty.flatten(1).float())
+        log_trust = torch.log(trust.clamp_min(0.0) + 1e-4)  # (B, N)
+
+    # the distance term of the prototypes' logits: -(|x - p|^2 - min_p |x - p|^2) / (C tau) = (s - max_p s) / (C tau)
+    # with s = 2 x.p - |p|^2 (|x|^2 cancels), per query and prototype, shared by the heads
+    distance = bool(getattr(ram, "distance_attention", False))
+    if distance:
+        p_sq = protos.pow(2).sum(-1)
+        inv_temperature = 1.0 / (c * ram.log_temperature.float().exp())
+
+        def prototype_bias(x: torch.Tensor) -> torch.Tensor:  # (..., Q, C) -> (..., Q, K), float32
+            s = torch.matmul(x, protos.t()).mul_(2.0).sub_(p_sq)
+            return s.sub_(s.amax(dim=-1, keepdim=True)).mul_(inv_temperature)
+
+    if block_elements is None:
+        block_elements = _GPU_BLOCK_ELEMENTS if device.type == "cuda" else _CPU_BLOCK_ELEMENTS
+
+    if attention == "sdpa":
+        qh, kh = q.view(b, n, heads, d), keys
+        if distance:
+            # a per-image mask (B, 1, N, N + K): exclusion and trust on the image's positions, distances on the prototypes
+            mask = torch.empty(b, 1, n, m, device=device, dtype=dtype)
+            exclusion = _EXCLUSION(h, w, ram.exclude_radius, 0, torch.float32, device)  # (N, N)
+            step = max(1, block_elements // (n * m))
+            for b0 in range(0, b, step):
+                b1 = min(b, b0 + step)
+                image_part = exclusion if log_trust is None else exclusion + log_trust[b0:b1, None, :]
+                mask[b0:b1, 0, :, :n] = image_part
+                mask[b0:b1, 0, :, n:] = prototype_bias(tokens_f[b0:b1])
+        else:
+            # the per-key trust bias rides in 8 extra query/key dimensions (query 1, key log-trust / scale; 8 keeps
+            # the head size a multiple of 8 for the fused kernels): the mask is the exclusion alone, (1, 1, N, N + K)
+            if log_trust is not None:
+                q_extra = qh.new_zeros(b, n, heads, 8)
+                q_extra[..., 0] = 1.0
+                k_extra = kh.new_zeros(b, m, heads, 8)
+                k_extra[:, :n, :, 0] = (log_trust / scale).unsqueeze(-1)
+                qh, kh = torch.cat([qh, q_extra], dim=-1), torch.cat([kh, k_extra], dim=-1)
+            mask = _EXCLUSION(h, w, ram.exclude_radius, num_protos, dtype, device)[None, None]
+        qh, kh = qh.to(dtype).transpose(1, 2), kh.to(dtype).transpose(1, 2)
+        vh = values.unsqueeze(1).expand(b, heads, m, c)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)  # (B, H, N, C)
+        return out.mean(dim=1)
+    if attention != "chunked":
+        raise ValueError(f"unknown attention '{attention}'; choose one of {ATTENTION_MODES[1:]}")
+
+    # chunked: logits (b', H, Q, N + K) per block, float32. The per-key trust bias rides in the product as an
+    # extra query/key dimension (query 1, key log-trust; 0 for prototypes); the exclusion is a scatter of -inf at
+    # the (2r+1)^2 neighbours of each query; the 1/H of the head average is applied to the (Q, C) output
+    extra = 0 if log_trust is None else 1
+    q = (q * scale).view(b, n, heads, d).transpose(1, 2)  # (B, H, N, d)
+    keys_t = keys.new_zeros(b, heads, d + extra, m)
+    keys_t[:, :, :d] = keys.permute(0, 2, 3, 1)
+    if extra:
+        q = torch.cat([q, q.new_ones(b, heads, n, 1)], dim=-1)
+        keys_t[:, :, d, :n] = log_trust.unsqueeze(1)
+    neighbours = _NEIGHBOURS(h, w, ram.exclude_radius, device)  # (N, (2r+1)^2)
+    per_image = heads * n * m
+    if per_image <= block_elements:
+        batch_block, query_block = max(1, block_elements // per_image), n
+    else:
+        batch_block, query_block = 1, max(1, min(n, block_elements // (heads * m)))
+    restoration = torch.empty(b, n, c, device=device, dtype=dtype)
+    for b0 in range(0, b, batch_block):
+        b1 = min(b, b0 + batch_block)
+        kt = keys_t[b0:b1]
+        for q0 in range(0, n, query_block):
+            q1 = min(n, q0 + query_block)
+            logits = torch.matmul(q[b0:b1, :, q0:q1], kt)  # (b', H, Q, N + K), trust bias included
+            logits.scatter_(-1, neighbours[q0:q1].expand(b1 - b0, heads, -1, -1), float("-inf"))
+            if distance:
+                logits[..., n:] += prototype_bias(tokens_f[b0:b1, q0:q1]).unsqueeze(1)
+            weights = torch.softmax(logits, dim=-1).sum(dim=1)  # (b', Q, N + K): heads summed
+            torch.bmm(weights.to(dtype), values[b0:b1], out=restoration[b0:b1, q0:q1])
+    return restoration.mul_(1.0 / heads)
+
+
+# --------------------------------------------------------------------------------------------- the module
+class FastURANet(nn.Module):
+    """Fast inference path of a ``URANet``; returns what ``URANet.forward`` returns (maps in float32).
+
+    Args:
+        model: the trained ``URANet`` (shared, not copied; ``channels_last`` changes its backbone's memory format).
+        dtype: ``None``/``"fp32"`` (no autocast), ``"bf16"`` or ``"fp16"`` (autocast on the input's device).
+        channels_last: run the backbone in channels-last memory format (faster convolutions on GPUs and oneDNN).
+        attention: ``"auto"`` (``sdpa`` on CUDA, ``chunked`` elsewhere), ``"chunked"`` or ``"sdpa"``.
+        block_elements: logits elements per block of the chunked attention (see :func:`fast_restoration`).
+        compile: ``torch.compile`` the whole path (``compile_mode`` is passed on, e.g. ``"max-autotune"``).
+        cuda_graph: on CUDA, capture one CUDA graph per input shape and replay it (inputs are copied into a
+            static buffer; outputs are cloned). Not with ``compile``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dtype: str | torch.dtype | None = None,
+        channels_last: bool = False,
+        attention: str = "auto",
+        block_elements: int | None = None,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        cuda_graph: bool = False,
+    ) -> None:
+        super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got '{attention}'")
+        if compile and cuda_graph:
+            raise ValueError("use either compile (mode='reduce-overhead' captures graphs itself) or cuda_graph")
+        self.model = getattr(model, "module", model)
+        self.dtype = _as_dtype(dtype)
+        self.channels_last = channels_last
+        self.attention = attention
+        self.block_elements = block_elements
+        self.cuda_graph = cuda_graph
+        self.stage_timer: StageTimer | None = None  # times the stages (bench/throughput.py --profile)
+        self._matrices: dict[tuple, torch.Tensor] = {}
+        self._graphs: dict[tuple, tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
+        if channels_last:
+            self.model.feature_extractor.to(memory_format=torch.channels_last)
+        self._impl = torch.compile(self._forward_impl, mode=compile_mode, dynamic=False) if compile else self._forward_impl
+
+    # ------------------------------------------------------------------ pieces
+    def _axis_matrix(self, grid: int, size: int, device: torch.device) -> torch.Tensor:
+        key = (grid, size, str(device))
+        if key not in self._matrices:
+            self._matrices[key] = smoothing_matrix(grid, size, self.model.map_generator, device)
+        return self._matrices[key]
+
+    def _stage(self, name: str):
+        return contextlib.nullcontext() if self.stage_timer is None else self.stage_timer.span(name)
+
+    def _autocast(self, device: torch.device):
+        # no cast cache under CUDA-graph capture: cached casts made during capture would be freed at its end
+        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=not self.cuda_graph)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Backbone features (B, C, h, w), under the path's autocast and memory format."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with self._autocast(images.device):
+            return self.model.feature_extractor(images)
+
+    def _attention_mode(self, device: torch.device) -> str:
+        if self.attention != "auto":
+            return self.attention
+        return "sdpa" if device.type == "cuda" else "chunked"
+
+    def _forward_impl(self, images: torch.Tensor, num_samples: int | None) -> dict[str, torch.Tensor]:
+        model = self.model
+        size = tuple(images.shape[-2:])
+        source = model.anomaly_map_source
+        t = (model.uiapm.num_samples if model.uiapm is not None else 0) if num_samples is None else num_samples
+        # as the reference: the "prototype" map needs no perception, which then runs only for uncertainty passes
+        run_perception = model.uiapm is not None and (source != "prototype" or t > 0)
+        with self._stage("features"):
+            features = self.features(images)
+        b, c, h, w = features.shape
+        probability = uncertainty = None
+        with self._autocast(images.device):
+            if run_perception:
+                with self._stage("uiapm"):
+                    perception = model.uiapm(features, t)
+                    probability, uncertainty = perception.probability.float(), perception.uncertainty.float()
+                if t <= 1:  # the module returns zeros: no need to keep or upsample them
+                    uncertainty = None
+            if source == "perception":
+                grid = probability
+            elif source == "prototype":
+                with self._stage("prototype_distance"), torch.autocast(images.device.type, enabled=False):
+                    # the module's own chunked computation, in float32 (|x|^2 + |p|^2 - 2 x.p cancels badly in bf16)
+                    block = self.block_elements or (_GPU_BLOCK_ELEMENTS if images.is_cuda else _CPU_BLOCK_ELEMENTS)
+                    grid = model.ram.prototype_distance(features.float(), chunk=max(1, block // model.ram.prototypes.shape[0]))
+            else:
+                tokens = features.flatten(2).transpose(1, 2)  # (B, N, C); contiguous when channels_last
+                with self._stage("ram_attention"):
+                    restoration = fast_restoration(
+                        model.ram, tokens, (h, w), probability, uncertainty, self._attention_mode(images.device), self.dtype, self.block_elements
+                    )
+                with self._stage("residual"):
+                    if model.anomaly_map_source == "restored":
+                        gate = torch.ones_like(tokens[..., :1], dtype=torch.float32) if probability is None else probability.flatten(1).unsqueeze(-1)
+                        restoration = gate * restoration.float() + (1.0 - gate) * tokens.float()
+                    if getattr(model, "residual", "cosine") == "l2":
+                        grid = torch.linalg.vector_norm(tokens.float() - restoration.float(), dim=-1).view(b, 1, h, w)
+                    else:
+                        grid = token_residual(tokens, restoration, model.level_channels).view(b, 1, h, w)
+        with self._stage("upsample_smooth"):
+            grid = grid.float()
+            a_y = self._axis_matrix(h, size[0], images.device)
+            a_x = a_y if (w, size[1]) == (h, size[0]) else self._axis_matrix(w, size[1], images.device)
+            anomaly_map = torch.matmul(torch.matmul(a_y, grid), a_x.t())  # (B, 1, H, W)
+        with self._stage("score"):
+            result = {"anomaly_map": anomaly_map, "pred_score": image_score(anomaly_map, model.score_mode, model.top_k)}
+        with self._stage("other_maps"):
+            if probability is not None:
+                result["perception_map"] = F.interpolate(probability, size=size, mode="bilinear", align_corners=False)
+                result["uncertainty_map"] = (
+                    torch.zeros_like(anomaly_map) if uncertainty is None else F.interpolate(uncertainty, size=size, mode="bilinear", align_corners=False)
+                )
+            else:
+                result["uncertainty_map"] = torch.zeros_like(anomaly_map)
+        return result
+
+    def _prepare(self, images: torch.Tensor) -> None:
+        """Fill the caches (smoothing matrices, exclusion bias and indices) eagerly, outside compiled code and CUDA
+        graph capture, so that those only read them."""
+        fe, model = self.model.feature_extractor, self.model
+        if fe.feature_stride is None or model.anomaly_map_source == "perception":
+            return
+        height, width = images.shape[-2:]
+        h, w = height // fe.feature_stride, width // fe.feature_stride
+        self._axis_matrix(h, height, images.device)
+        self._axis_matrix(w, width, images.device)
+        ram = model.ram
+        if ram is None or model.anomaly_map_source == "prototype":
+            return
+        mode = self._attention_mode(images.device)
+        if mode == "chunked":
+            _NEIGHBOURS(h, w, ram.exclude_radius, images.device)
+        elif getattr(ram, "distance_attention", False):
+            _EXCLUSION(h, w, ram.exclude_radius, 0, torch.float32, images.device)
+        else:
+            _EXCLUSION(h, w, ram.exclude_radius, ram.prototypes.shape[0], self.dtype or images.dtype, images.device)
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _graphed(self, images: torch.Tensor, num_samples: int | None) -> dict[str, torch.Tensor]:
+        key = (tuple(images.shape), images.dtype, str(images.device), num_samples)
+        if key not in self._graphs:
+            static_in = images.clone()
+            stream = torch.cuda.Stream(images.device)
+            stream.wait_stream(torch.cuda.current_stream(images.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # warm-up: caches (matrices, exclusion bias) and kernels chosen outside the graph
+                    self._forward_impl(static_in, num_samples)
+            torch.cuda.current_stream(images.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = self._forward_impl(static_in, num_samples)
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(images)
+        graph.replay()
+        return {k: v.clone() for k, v in static_out.items()}
+
+    # ------------------------------------------------------------------ entry point
+    def forward(self, images: torch.Tensor, num_samples: int | None = None) -> dict[str, torch.Tensor]:
+        """
+        Args:
+            images: (B, 1 or 3, H, W) intensities in [0, 1], on the model's device.
+            num_samples: perception passes (None: the model's setting; 0: none, zero uncertainty, fastest).
+
+        Returns:
+            as ``URANet.forward``: ``anomaly_map``, ``uncertainty_map`` (B, 1, H, W) and ``pred_score`` (B,), plus
+            ``perception_map`` when the model has a perception module; float32, on the images' device.
+        """
+        self.model.eval()
+        with torch.inference_mode():
+            self._prepare(images)
+            if self.cuda_graph and images.is_cuda:
+                return self._graphed(images, num_samples)
+            return self._impl(images, num_samples)
