@@ -217,3 +217,21 @@ def test_cli_choices_match_the_library():
     assert set(cli.SCORE_MODES) == set(SCORE_MODES)
     assert set(cli.AUGMENTATIONS) == set(AUGMENTATIONS)
     assert set(cli.BACKBONES) == set(BACKBONE_LEVELS)
+
+
+def test_predict_dicom_on_the_shared_mr_series(checkpoint, shared_data, tmp_path, capsys):
+    """``ura-monai predict-dicom``: one series found, NIfTI maps with its 192 slices, a results row; outputs
+    inside the input folder are refused."""
+    import nibabel as nib
+
+    series_dir = shared_data / "dicom" / "mr_brain_sagittal"
+    out = tmp_path / "dicom_out"
+    args = ["predict-dicom", "--checkpoint", str(checkpoint), "--input", str(series_dir), "--output", str(out), *QUIET]
+    assert main(args) == 0
+    rows = _read_csv(out / "results.csv")
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == 1
+    nifti = next(out.rglob("anomaly_map.nii.gz"))
+    assert 192 in nib.load(nifti).shape
+    assert main(["predict-dicom", "--checkpoint", str(checkpoint), "--input", str(series_dir), "--output", str(series_dir / "out"), *QUIET]) == 2
+    assert not (series_dir / "out").exists()

@@ -141,6 +141,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
     p.set_defaults(func=_cmd_predict)
 
+    # ---- predict-dicom
+    p = sub.add_parser("predict-dicom", parents=[common], help="anomaly maps and scores for every series of a DICOM folder",
+                       description="Scan a DICOM folder tree (headers only), run URA-Net slice by slice on every image "
+                       "series and write, per series under OUTPUT/<series UID>/: NIfTI anomaly and uncertainty maps "
+                       "with the source geometry, a DICOM Parametric Map and SEG referencing the source (with the "
+                       "dicom extra), report.json; and OUTPUT/results.csv with one row per series and skipped file.")
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
+    p.add_argument("--input", required=True, metavar="DIR", help="DICOM folder (searched recursively)")
+    p.add_argument("--output", required=True, metavar="DIR", help="new output folder (not inside the input folder)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per batch (default 16)")
+    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slicing axis of the volume (default 0: the acquired slices / B-scans)")
+    p.add_argument("--aggregation", choices=("max", "mean", "topk_mean"), default="max", help="volume score from slice scores (default max)")
+    p.add_argument("--top-k", type=_positive_int, default=5, help="most anomalous slices listed per series (default 5)")
+    p.add_argument("--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)")
+    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
+                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
+    p.set_defaults(func=_cmd_predict_dicom)
+
     # ---- demo
     p = sub.add_parser("demo", parents=[common], help="synthetic dataset -> fit -> test -> predict, in about a minute",
                        description="End-to-end example: writes a small synthetic MVTec-like dataset to OUTPUT/data, trains "
@@ -367,6 +386,25 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise CLIError(f"none of the {len(rows)} input file(s) could be predicted; the reasons are in {csv_path}")
     print(f"{predicted} image(s) predicted, {anomalous} anomalous, {failed} skipped with an error; results: {csv_path}")
     return 0
+
+
+def _cmd_predict_dicom(args: argparse.Namespace) -> int:
+    from ura_monai.inference.dicom_inference import predict_dicom_folder
+    from ura_monai.inference.predictor import URANetPredictor
+
+    source = Path(args.input).expanduser()
+    if not source.is_dir():
+        raise CLIError(f"DICOM input folder not found: {source}")
+    predictor = URANetPredictor(args.checkpoint, _device(args.device), num_samples=args.uncertainty_samples, batch_size=args.batch_size)
+    rows = predict_dicom_folder(
+        source, Path(args.output).expanduser(), predictor, axis=args.axis, batch_size=args.batch_size,
+        volume_aggregation=args.aggregation, top_k=args.top_k, write_dicom=not args.no_dicom_output,
+        progress=not args.no_progress,
+    )
+    series = [r for r in rows if r.get("status") == "ok"]
+    print(f"{len(series)} series analysed, {len(rows) - len(series)} other row(s) (errors, skipped files); "
+          f"results: {Path(args.output) / 'results.csv'}")
+    return 0 if series else 2
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
