@@ -47,6 +47,11 @@ def normal_postprocessing_stats(
 
 
 def normalize_score(value: torch.Tensor, threshold: float, min_value: float, max_value: float) -> torch.Tensor:
-    """``((value - threshold) / (max - min)) + 0.5`` clipped to [0, 1]: the threshold maps to 0.5."""
-    span = max(max_value - min_value, 1e-12)
-    return ((value - threshold) / span + 0.5).clamp(0.0, 1.0)
+    """``((value - threshold) / (max - min)) + 0.5`` clipped to [0, 1]: the threshold maps to 0.5.
+
+    The functional form of ``NormalizeAnomalyScore``; a degenerate range (all normal scores equal) is widened
+    to a tiny positive span instead of failing.
+    """
+    from ura_monai.transforms.postprocess import NormalizeAnomalyScore
+
+    return NormalizeAnomalyScore(threshold, min_value, max(max_value, min_value + 1e-12))(value)
