@@ -231,8 +231,10 @@ def save_map_figure(
     axes[1].set_title("anomaly map" + (f" (contour: >= {threshold:.3g})" if threshold is not None else ""))
     # the overlay is an RGB image, so its colorbar comes from a mappable with the renderer's own scale
     figure.colorbar(ScalarMappable(Normalize(low, high if high > low else low + 1e-12), renderer.cmap), ax=axes[1], shrink=0.8)
-    shown = axes[2].imshow(umap, cmap="viridis", vmin=0.0, vmax=1.0)
-    axes[2].set_title("uncertainty")
+    # uncertainty is typically a few hundredths: on a fixed 0-1 scale the panel would be uniformly dark, so it
+    # uses its own range and the colorbar shows the values
+    shown = axes[2].imshow(umap, cmap="viridis", vmin=0.0, vmax=max(float(umap.max()), 1e-6))
+    axes[2].set_title("uncertainty (own scale)")
     figure.colorbar(shown, ax=axes[2], shrink=0.8)
     for ax in axes:
         ax.set_axis_off()
