@@ -12,3 +12,15 @@ def shared_data():
     if not SHARED_DATA.is_dir():
         pytest.skip(f"sample data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules dominated by small tensor ops: on a shared 2-core machine one intra-op thread avoids
+    oversubscription (several times faster under load) and keeps float reductions in a fixed order."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -22,14 +22,7 @@ LEVELS = ("reduction_4", "reduction_8", "reduction_16")
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests are dominated by small tensor ops: on a shared 2-core machine, one intra-op thread avoids
-    oversubscription (several times faster under load) and keeps float reductions in a fixed order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _image_tensor(array: np.ndarray) -> torch.Tensor:

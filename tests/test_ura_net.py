@@ -28,14 +28,7 @@ from ura_monai.networks.nets.ura_net import URANet
 LEVEL_CHANNELS = (24, 40, 112)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tests are dominated by small tensor ops: on a shared 2-core machine, one intra-op thread avoids
-    oversubscription (several times faster under load) and keeps float reductions in a fixed order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 # a small URA-Net: the architecture of the default one, narrower, so that CPU tests stay fast
 SMALL = {
     "perception_hidden": 32,
@@ -232,7 +225,7 @@ def test_uiapm_uncertainty_is_high_at_anomaly_boundaries(brick_features_16):
 
     uiapm.eval()
     generator = torch.Generator().manual_seed(100)
-    ring, deep, inside, p_inside, p_deep = [], [], [], [], []
+    ring, deep, p_inside, p_deep = [], [], [], []
     with torch.no_grad():
         for repeat in range(4):
             corrupted, mask = fasm(held_out, generator=generator)

@@ -217,6 +217,14 @@ def _anomalous_items(
     return items
 
 
+def _normal_train_items(train_dir: Path, cat_name: str, what: str, skipped: list | None, verify: bool) -> list[dict[str, Any]]:
+    """Items of a folder of normal training images; the folder must exist and hold a readable image."""
+    train_dir = _require_dir(train_dir, what)
+    items = [_item(p, 0, cat_name, "good") for p in _list_images(train_dir, skipped, verify)]
+    _require_images(items, train_dir, what)
+    return items
+
+
 def _check_split(split: str) -> str:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
@@ -274,10 +282,7 @@ def mvtec_datalist(
     split = _check_split(split)
     cat_dir, cat_name = _category_dir(root, category, "MVTec")
     if split == "train":
-        train_dir = _require_dir(cat_dir / "train" / "good", "MVTec train folder")
-        items = [_item(p, 0, cat_name, "good") for p in _list_images(train_dir, skipped, verify)]
-        _require_images(items, train_dir, "MVTec train folder")
-        return items
+        return _normal_train_items(cat_dir / "train" / "good", cat_name, "MVTec train folder", skipped, verify)
 
     test_dir = _require_dir(cat_dir / "test", "MVTec test folder")
     gt_dir = cat_dir / "ground_truth"
@@ -327,10 +332,7 @@ def btad_datalist(
     split = _check_split(split)
     cat_dir, cat_name = _category_dir(root, category, "BTAD")
     if split == "train":
-        train_dir = _require_dir(cat_dir / "train" / "ok", "BTAD train folder")
-        items = [_item(p, 0, cat_name, "good") for p in _list_images(train_dir, skipped, verify)]
-        _require_images(items, train_dir, "BTAD train folder")
-        return items
+        return _normal_train_items(cat_dir / "train" / "ok", cat_name, "BTAD train folder", skipped, verify)
 
     test_dir = _require_dir(cat_dir / "test", "BTAD test folder")
     items = []

@@ -29,7 +29,7 @@ from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
 
-__all__ = ["fit", "test", "run_inference", "split_normal_validation", "FeatureBankDataset"]
+__all__ = ["fit", "test", "run_inference", "compute_thresholds", "split_normal_validation", "FeatureBankDataset"]
 
 logger = logging.getLogger("ura_monai")
 
@@ -95,6 +95,7 @@ def run_inference(
     amp: bool = False,
     progress: bool = True,
     metric: AnomalyDetectionMetric | None = None,
+    channels: int | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run a ``URANetEvaluator`` over ``items``.
 
@@ -105,7 +106,7 @@ def run_inference(
     device = torch.device(device)
     evaluator = URANetEvaluator(
         device=device,
-        val_data_loader=_loader(items, image_size, batch_size, num_workers),
+        val_data_loader=_loader(items, image_size, batch_size, num_workers, channels),
         network=model.to(device),
         num_samples=num_samples,
         amp=amp,
@@ -134,6 +135,26 @@ def run_inference(
     evaluator.run()
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if not isinstance(v, dict)}
     return metrics, per_image
+
+
+def compute_thresholds(
+    network: torch.nn.Module,
+    data: Sequence[dict[str, Any]],
+    image_size: int,
+    channels: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    amp: bool = False,
+) -> dict[str, float]:
+    """Image and pixel thresholds from held-out normal images (``normal_postprocessing_stats`` of their scores
+    and maps), with the uncertainty passes off: they do not change the map. ``network`` may be DDP-wrapped; its
+    train/eval mode is restored."""
+    model = getattr(network, "module", network)
+    was_training = model.training
+    _, outputs = run_inference(model, data, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False, channels=channels)
+    model.train(was_training)
+    return normal_postprocessing_stats([o["pred_score"] for o in outputs], torch.stack([o["anomaly_map"] for o in outputs]))
 
 
 def fit(
@@ -248,10 +269,7 @@ def fit(
     train_seconds = time.perf_counter() - start
 
     # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
-    _, val_outputs = run_inference(model, val_items, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False)
-    postprocessing = normal_postprocessing_stats(
-        [o["pred_score"] for o in val_outputs], torch.stack([o["anomaly_map"] for o in val_outputs])
-    )
+    postprocessing = compute_thresholds(model, val_items, image_size, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp)
     extra = {
         "image_size": image_size, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
         "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items),

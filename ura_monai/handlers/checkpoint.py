@@ -20,48 +20,11 @@ from ignite.engine import Engine, Events
 from ura_monai.bundle.training import is_rank0, unwrap
 from ura_monai.networks.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
 from ura_monai.networks.nets.export import check_checkpoint_config
-from ura_monai.transforms.thresholds import normal_postprocessing_stats
+from ura_monai.engines.workflow import compute_thresholds
 
 __all__ = ["URANetCheckpointSaver", "URANetCheckpointLoader", "compute_thresholds"]
 
 logger = logging.getLogger("ura_monai")
-
-
-def compute_thresholds(
-    network: torch.nn.Module,
-    data: Sequence[dict[str, Any]],
-    image_size: int,
-    channels: int | None = None,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    amp: bool = False,
-) -> dict[str, float]:
-    """Image and pixel thresholds from held-out normal images, as ``workflow.fit`` sets them.
-
-    The network runs without uncertainty passes (``num_samples=0``); the statistics are
-    :func:`ura_monai.transforms.thresholds.normal_postprocessing_stats` of the scores and maps.
-    """
-    from monai.data import DataLoader, Dataset
-
-    from ura_monai.data import anomaly_transforms
-    from ura_monai.engines.evaluator import URANetEvaluator
-
-    model = unwrap(network)
-    was_training = model.training
-    loader = DataLoader(Dataset(list(data), transform=anomaly_transforms(image_size, augment=False, channels=channels)), batch_size=batch_size, num_workers=num_workers)
-    evaluator = URANetEvaluator(device=torch.device(device), val_data_loader=loader, network=model, num_samples=0, amp=amp)
-    scores: list[torch.Tensor] = []
-    maps: list[torch.Tensor] = []
-
-    @evaluator.on(Events.ITERATION_COMPLETED)
-    def _collect(engine: Engine) -> None:
-        scores.append(engine.state.output["pred_score"].reshape(-1))
-        maps.append(engine.state.output["anomaly_map"])
-
-    evaluator.run()
-    model.train(was_training)
-    return normal_postprocessing_stats(torch.cat(scores), torch.cat(maps))
 
 
 class URANetCheckpointSaver:
