@@ -617,4 +617,7 @@ def test_detects_demo_anomalies(tmp_path):
     metrics = evaluate(result["checkpoint"], test_items, progress=False)
     assert metrics["test_images"] == len(test_items) == 20
     assert metrics["image_auroc"] > 0.9, metrics
-    assert metrics["pixel_auroc"] > 0.9, metrics
+    # localization, not just detection: 0.9964 / 0.9802 measured; the former 3x3 feature smoothing gave
+    # 0.9911 / 0.953 on this same run, so a regression in how sharply maps localize fails here
+    assert metrics["pixel_auroc"] > 0.99, metrics
+    assert metrics["aupro"] > 0.97, metrics
