@@ -5,7 +5,8 @@
 
 The reference is PatchCore without coreset: each test patch's distance to its nearest training patch,
 upsampled and smoothed exactly like URA-Net's map, image score = max. The last line printed is one JSON
-object with the model's figures, the reference's under "reference" and, with --ablation, each ablation's.
+object with the model's figures, the reference's under "reference" (and its variants: 1,024 random patches,
+level-equalized features) and, with --ablation, each ablation's (FASM, UIAPM, RAM off; raw level scales).
 """
 
 from __future__ import annotations
@@ -27,19 +28,22 @@ from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtract
 from ura_monai.networks.checkpoint import load_checkpoint
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
-ABLATIONS = {"no_fasm": {"use_fasm": False}, "no_uiapm": {"use_uiapm": False}, "no_ram": {"use_ram": False}}
+ABLATIONS = {"no_fasm": {"use_fasm": False}, "no_uiapm": {"use_uiapm": False}, "no_ram": {"use_ram": False}, "raw_levels": {"equalize_levels": False}}
 
 
 @torch.no_grad()
-def nearest_neighbour_reference(train_items, test_items, args, device, subset: int | None = None) -> dict:
+def nearest_neighbour_reference(train_items, test_items, args, device, subset: int | None = None, equalize_levels: bool = False) -> dict:
     """PatchCore without coreset on the same extractor, training views and smoothing as URA-Net.
 
     With ``subset``, the memory is that many training patches drawn at random (seeded): the peer of URA-Net's
-    prototype memory of the same size.
+    prototype memory of the same size. With ``equalize_levels``, features are scaled per level as URA-Net's
+    are (``PretrainedFeatureExtractor.fit_level_scale``), to show what that scaling alone does.
     """
     start = time.perf_counter()
     extractor = PretrainedFeatureExtractor(args.backbone, image_size=args.image_size).to(device)
     bank = extract_feature_bank(extractor, _loader(train_items, args.image_size, 8, 0), device, args.augment, progress=False)
+    if equalize_levels:
+        bank = extractor.fit_level_scale(bank.to(device))
     memory = bank.permute(0, 2, 3, 1).reshape(-1, bank.shape[1]).to(device)
     if subset is not None:
         memory = memory[torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(args.seed))[:subset].to(device)]
@@ -127,6 +131,7 @@ def main(argv=None) -> dict:
     rounded = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
     result["reference"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device))
     result["reference_random_1024"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device, subset=1024))
+    result["reference_equalized_levels"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device, equalize_levels=True))
     if args.ablation and not args.reference_only:
         result["ablation"] = {tag: run_model(train_items, test_items, args, kw_, tag) for tag, kw_ in ABLATIONS.items()}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("work_dir",)} | {

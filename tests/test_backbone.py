@@ -116,6 +116,29 @@ def test_extractor_grey_input_equals_repeated_rgb(extractor):
         extractor(torch.rand(1, 2, 64, 64))
 
 
+def test_fit_level_scale_equalizes_level_variance():
+    fe = PretrainedFeatureExtractor(image_size=64, pretrained=False)
+    images = _brick_batch(64, 4)
+    with torch.no_grad():
+        raw = fe(images)
+    assert torch.equal(fe.level_scale, torch.ones(fe.out_channels))  # identity until fitted
+    variance = lambda f: [p.transpose(0, 1).flatten(1).var(dim=1).sum().item() for p in f.split(list(fe.level_channels), dim=1)]  # noqa: E731
+    assert max(variance(raw)) / min(variance(raw)) > 2.0  # unequal to start with, or the test proves nothing
+    scaled = fe.fit_level_scale(raw)
+    np.testing.assert_allclose(variance(scaled), 1.0, rtol=1e-4)
+    # constant within a level, and later outputs carry the scale
+    for part in fe.level_scale.split(list(fe.level_channels)):
+        assert torch.all(part == part[0])
+    with torch.no_grad():
+        torch.testing.assert_close(fe(images), scaled, rtol=1e-5, atol=1e-6)
+    # fitting on already-scaled features changes nothing
+    before = fe.level_scale.clone()
+    fe.fit_level_scale(scaled)
+    torch.testing.assert_close(fe.level_scale, before, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="expected features"):
+        fe.fit_level_scale(raw[:, :10])
+
+
 def test_extractor_is_frozen(extractor):
     assert all(not p.requires_grad for p in extractor.parameters())
     bn_stats = {k: v.clone() for k, v in extractor.state_dict().items() if "running" in k or "num_batches" in k}

@@ -199,6 +199,18 @@ def test_fit_is_deterministic(demo, checkpoint, tmp_path, capsys):
     assert summary["postprocessing"] == pytest.approx(torch.load(checkpoint, weights_only=True)["postprocessing"], abs=1e-6)
 
 
+def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
+    out = tmp_path / "fit"
+    code = main(["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--image-size", str(SIZE),
+                 "--epochs", "1", "--map-source", "restoration", "--output", str(out), *QUIET])
+    assert code == 0
+    assert torch.load(out / "model.pt", weights_only=True)["config"]["anomaly_map_source"] == "restoration"
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1) for p in _test_images(demo)[:2]])
+    restoration = URANetPredictor(out / "model.pt", num_samples=0)(images)["anomaly_map"]
+    prototype = URANetPredictor(checkpoint, num_samples=0)(images)["anomaly_map"]
+    assert not torch.allclose(restoration, prototype)  # another map, not the default under another name
+
+
 def test_python_dash_m_entry_point(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["ura-monai", "--help"])
     with pytest.raises(SystemExit) as exit_info:
@@ -213,10 +225,12 @@ def test_cli_choices_match_the_library():
     from ura_monai.engines.features import AUGMENTATIONS
     from ura_monai.networks.blocks.anomaly_map import SCORE_MODES
     from ura_monai.networks.blocks.feature_extractor import BACKBONE_LEVELS
+    from ura_monai.networks.nets.ura_net import MAP_SOURCES
 
     assert set(cli.SCORE_MODES) == set(SCORE_MODES)
     assert set(cli.AUGMENTATIONS) == set(AUGMENTATIONS)
     assert set(cli.BACKBONES) == set(BACKBONE_LEVELS)
+    assert set(cli.MAP_SOURCES) == set(MAP_SOURCES)
 
 
 def test_predict_dicom_on_the_shared_mr_series(checkpoint, shared_data, tmp_path, capsys):

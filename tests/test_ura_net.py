@@ -497,8 +497,7 @@ def test_checkpoint_round_trip(tmp_path):
     model = URANet(image_size=64, **{**SMALL, "num_samples": 4})
     images = brick_images(4, 64, seed=1)
     with torch.no_grad():
-        bank = model.feature_extractor(images)
-    model.init_prototypes(bank)
+        bank = model.fit_normal_statistics(model.feature_extractor(images))
     loss_function = URANetLoss(model.level_channels)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     for _ in range(2):  # move the weights away from their initial values
@@ -510,7 +509,9 @@ def test_checkpoint_round_trip(tmp_path):
 
     path = save_checkpoint(tmp_path / "model.pt", model, {"image_threshold": 0.25}, {"note": "test"})
     raw = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors, numbers and strings only
-    assert not any(k.startswith("feature_extractor.") for k in raw["state_dict"])
+    # the frozen backbone is not stored; its level scale (a statistic of the training data) is
+    assert [k for k in raw["state_dict"] if k.startswith("feature_extractor.")] == ["feature_extractor.level_scale"]
+    assert not torch.allclose(raw["state_dict"]["feature_extractor.level_scale"], torch.ones(()))
     loaded, checkpoint = load_checkpoint(path)
     assert not loaded.training
     assert checkpoint["postprocessing"] == {"image_threshold": 0.25} and checkpoint["extra"] == {"note": "test"}
@@ -534,6 +535,19 @@ def test_checkpoint_round_trip(tmp_path):
     # inference overrides at load time
     fast, _ = load_checkpoint(path, num_samples=0, score_mode="topk_mean")
     assert fast.uiapm.num_samples == 0 and fast.score_mode == "topk_mean"
+
+
+def test_checkpoint_without_level_scale_loads_with_raw_levels(tmp_path):
+    # checkpoints written before level equalization existed: no scale stored, none in the config
+    model = URANet(image_size=64, **SMALL).eval()
+    model.fit_normal_statistics(model.feature_extractor(brick_images(2, 64)))
+    path = save_checkpoint(tmp_path / "model.pt", model, {}, {})
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    del raw["state_dict"]["feature_extractor.level_scale"]
+    del raw["config"]["equalize_levels"]
+    torch.save(raw, path)
+    loaded, _ = load_checkpoint(path)
+    assert torch.equal(loaded.feature_extractor.level_scale, torch.ones(loaded.feature_extractor.out_channels))
 
 
 def test_checkpoint_errors(tmp_path):

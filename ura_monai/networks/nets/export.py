@@ -41,7 +41,7 @@ __all__ = ["URANetExport", "ARCHITECTURE_KEYS", "check_checkpoint_config"]
 # config keys that change the weights' shapes or what the map measures (and so what the thresholds mean); the others
 # (num_samples, score_mode, sigma, ...) are inference options that may differ between the checkpoint and a config
 ARCHITECTURE_KEYS = (
-    "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "use_fasm", "use_uiapm", "use_ram",
+    "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "equalize_levels", "use_fasm", "use_uiapm", "use_ram",
     "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
     "distance_attention", "anomaly_map_source", "residual",
 )

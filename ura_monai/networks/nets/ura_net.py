@@ -15,6 +15,8 @@ from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtract
 from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
 
+LEVEL_SCALE_KEY = "feature_extractor.level_scale"
+
 __all__ = ["URANet"]
 
 MAP_SOURCES = ("prototype", "restoration", "restored", "perception")
@@ -39,6 +41,8 @@ class URANet(nn.Module):
         image_size: square input size (a multiple of 32).
         feature_stride: stride of the common feature grid (8: a 32x32 grid for 256x256 images).
         smooth_kernel: average-pool size applied to each level (local neighbourhood aggregation); 1 (default) disables it.
+        equalize_levels: scale each level so that its total variance over the normal training features is 1
+            (set by ``fit_normal_statistics``), so that no level dominates distances; ``False`` keeps raw features.
         backbone_weights: optional local state-dict file for the backbone.
         pretrained: load the backbone's ImageNet weights (``False`` only for tests).
         use_fasm: synthesize feature-level anomalies during training (ablation switch).
@@ -73,6 +77,7 @@ class URANet(nn.Module):
         image_size: int = 256,
         feature_stride: int = 8,
         smooth_kernel: int = 1,
+        equalize_levels: bool = True,
         backbone_weights: str | os.PathLike | None = None,
         pretrained: bool = True,
         use_fasm: bool = True,
@@ -221,8 +226,19 @@ class URANet(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """State dict without the frozen backbone (rebuilt from its weights file on load)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("feature_extractor.")}
+        """State dict without the frozen backbone (rebuilt from its weights file on load); the extractor's
+        ``level_scale``, a statistic of the training data, is kept."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("feature_extractor.") or k == LEVEL_SCALE_KEY}
+
+    @torch.no_grad()
+    def fit_normal_statistics(self, features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Fit what the model takes from normal training features before training: the level scale (when
+        ``equalize_levels``) and the RAM's prototypes. Returns ``features`` under the fitted scale (the cache
+        to train on)."""
+        if self.config.get("equalize_levels", False):
+            features = self.feature_extractor.fit_level_scale(features)
+        self.init_prototypes(features, generator)
+        return features
 
     @torch.no_grad()
     def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
