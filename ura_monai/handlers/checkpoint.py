@@ -153,8 +153,7 @@ class URANetCheckpointLoader:
             raise ValueError(f"{self.load_path} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT})")
         model = unwrap(self.network)
         check_checkpoint_config(checkpoint.get("config", {}), model.config, str(self.load_path))
-        missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-        missing = [k for k in missing if not k.startswith("feature_extractor.")]
+        missing, unexpected = model.load_trainable_state_dict(checkpoint["state_dict"])
         if missing or unexpected:
             raise ValueError(f"{self.load_path} does not match the network: missing {missing}, unexpected {unexpected}")
         self.postprocessing = dict(checkpoint.get("postprocessing") or {})

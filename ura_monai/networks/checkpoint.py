@@ -61,8 +61,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
         raise ValueError(f"{path} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT})")
     config = {**checkpoint["config"], **overrides}
     model = URANet(**config)
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-    missing = [k for k in missing if not k.startswith("feature_extractor.")]
+    missing, unexpected = model.load_trainable_state_dict(checkpoint["state_dict"])
     if missing or unexpected:
         raise ValueError(f"{path} does not match the network: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval(), checkpoint

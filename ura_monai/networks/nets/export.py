@@ -216,8 +216,7 @@ class URANetExport(nn.Module):
 
         if isinstance(state_dict, Mapping) and state_dict.get("format") == CHECKPOINT_FORMAT:
             check_checkpoint_config(state_dict.get("config", {}), self.network.config)
-            missing, unexpected = self.network.load_state_dict(state_dict["state_dict"], strict=False)
-            missing = [k for k in missing if not k.startswith("feature_extractor.")]
+            missing, unexpected = self.network.load_trainable_state_dict(state_dict["state_dict"])
             if strict and (missing or unexpected):
                 raise RuntimeError(f"checkpoint does not match the network: missing {missing}, unexpected {unexpected}")
             post = state_dict.get("postprocessing") or {}

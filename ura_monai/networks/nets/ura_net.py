@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -229,6 +229,13 @@ class URANet(nn.Module):
         """State dict without the frozen backbone (rebuilt from its weights file on load); the extractor's
         ``level_scale``, a statistic of the training data, is kept."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith("feature_extractor.") or k == LEVEL_SCALE_KEY}
+
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+        """Load a ``trainable_state_dict`` (non-strict) and return its ``(missing, unexpected)`` keys, where the
+        extractor's keys never count as missing: the frozen backbone is rebuilt from its weights file, and
+        checkpoints older than the level scale keep its unit default (raw levels, as they were trained)."""
+        missing, unexpected = self.load_state_dict(state_dict, strict=False)
+        return [k for k in missing if not k.startswith("feature_extractor.")], list(unexpected)
 
     @torch.no_grad()
     def fit_normal_statistics(self, features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
