@@ -119,6 +119,7 @@ class URANet(nn.Module):
             raise ValueError(f"residual must be one of {RESIDUALS}, got '{residual}'")
         self.residual = residual
         self.score_mode, self.top_k = score_mode, top_k
+        self.equalize_levels = equalize_levels
         image_score(torch.zeros(1, 1, 2, 2), score_mode, top_k)  # fail early on a bad mode
 
         self.feature_extractor = PretrainedFeatureExtractor(
@@ -242,7 +243,7 @@ class URANet(nn.Module):
         """Fit what the model takes from normal training features before training: the level scale (when
         ``equalize_levels``) and the RAM's prototypes. Returns ``features`` under the fitted scale (the cache
         to train on)."""
-        if self.config.get("equalize_levels", False):
+        if self.equalize_levels:
             features = self.feature_extractor.fit_level_scale(features)
         self.init_prototypes(features, generator)
         return features
