@@ -44,7 +44,7 @@ from ura_monai.data.dicom import (
 )
 from ura_monai.inference.dicom_inference import predict_dicom_folder
 from ura_monai.inference.dicom_writers import highdicom_available
-from ura_monai.inference.io import atomic_path, atomic_write_text
+from ura_monai.utils.fileio import atomic_path, atomic_write_text
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-98765"

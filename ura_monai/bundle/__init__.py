@@ -3,6 +3,7 @@
 - :mod:`.checks`: validation run in ``initialize`` (preset keys, ``dataset_dir``, ``category``, checkpoints,
   inference inputs), so that bad input fails before any work starts, naming the key or path;
 - :mod:`.data`: training / validation / threshold splits, the test split, inference inputs;
+- :mod:`.errors`: uncaught input errors of ``python -m monai.bundle`` as one line;
 - :mod:`.training`: the cached-feature dataset (and prototype initialisation), the trainer, the LR schedule,
   rank helpers.
 
@@ -22,6 +23,7 @@ from .checks import (
     check_preset,
     check_training_config,
 )
+from .errors import install_excepthook
 from .data import list_input_files, oct_abnormal_validation, test_datalist, training_splits
 from .training import CosineDecay, FeatureCacheDataset, URANetBundleTrainer, is_rank0, rank, unwrap
 
@@ -47,3 +49,6 @@ __all__ = [
     "training_splits",
     "unwrap",
 ]
+
+# the bundle's command line: an input error is one line, not a traceback through MONAI's config parser
+install_excepthook()

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ura_monai.inference.io import atomic_path
+from ura_monai.utils.fileio import atomic_path
 from ura_monai.networks.nets.ura_net import URANet
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
