@@ -398,6 +398,8 @@ def test_bad_input_fails_at_initialize_naming_the_key(oct_data, tmp_path):
     # and from the command line: a one-line reason in the error output, non-zero exit
     proc = bundle("run", "training", "--bundle_root", root, "--config_file", TRAIN, expect_ok=False)
     assert proc.returncode != 0 and "ValueError: dataset_dir is not set: pass --dataset_dir <dataset folder>" in proc.stderr
+    # the cause alone, not MONAI's 60-80 line traceback through its config parser
+    assert "Traceback" not in proc.stderr and len([line for line in proc.stderr.splitlines() if line.strip()]) < 15
 
 
 # --------------------------------------------------------------------------------------------- glue units

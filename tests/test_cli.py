@@ -118,13 +118,13 @@ def test_outputs_never_overwrite_inputs(checkpoint, demo, tmp_path, capsys):
     assert "inside the input folder" in err and "Traceback" not in err
     assert not (inputs / "results").exists()
 
-    # an input whose name is another input's output name is never replaced: that input gets an error row instead
+    # an input whose name is another input's output name is never replaced: the inputs' own folder is refused
     (inputs / "x_overlay.png").write_bytes(src.read_bytes())
     digest = _digest(inputs / "x_overlay.png")
     predictor = URANetPredictor(checkpoint, num_samples=0)
-    rows = predictor.predict_files([inputs / "x.png", inputs / "x_overlay.png"], inputs, progress=False)
-    assert _digest(inputs / "x_overlay.png") == digest
-    assert "overwrite" in rows[0]["error"] and rows[1]["error"] == ""
+    with pytest.raises(ValueError, match="folder of the input file"):
+        predictor.predict_files([inputs / "x.png", inputs / "x_overlay.png"], inputs, progress=False)
+    assert _digest(inputs / "x_overlay.png") == digest and not (inputs / "scores.csv").exists()
     with pytest.raises(ValueError, match="inside the input folder"):
         predictor.predict_files([inputs / "x.png"], inputs / "out", input_root=inputs, progress=False)
 

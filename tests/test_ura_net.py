@@ -601,9 +601,8 @@ def test_fit_resumes_from_the_last_epoch(small_demo, tmp_path, monkeypatch):
     assert sorted(set(iterations)) == [1, 2]
     per_epoch = len(iterations) // 2
     assert per_epoch >= 1 and len(iterations) == 2 * per_epoch
-    states = sorted(p.name for p in (tmp_path / "train_state").glob("train_checkpoint_*.pt"))
-    assert len(states) == 1
-    saved = torch.load(tmp_path / "train_state" / states[0], weights_only=True)
+    assert sorted(p.name for p in (tmp_path / "train_state").iterdir()) == ["train_state.pt"]
+    saved = torch.load(tmp_path / "train_state" / "train_state.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 2 * per_epoch  # ignite keeps the iteration; epoch = iteration / length
     assert saved["trainer"]["epoch_length"] == per_epoch
 
@@ -611,10 +610,8 @@ def test_fit_resumes_from_the_last_epoch(small_demo, tmp_path, monkeypatch):
     result = fit(train_items, tmp_path, epochs=3, resume=True, **kwargs)
     # only the third epoch ran
     assert iterations == [3] * per_epoch
-    # the newest state (files are named by iteration; the first run's file is left beside it)
-    newest = max((tmp_path / "train_state").glob("train_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    assert newest.name == f"train_checkpoint_{3 * per_epoch}.pt"
-    saved = torch.load(newest, weights_only=True)
+    # one state file, replaced atomically after every epoch
+    saved = torch.load(tmp_path / "train_state" / "train_state.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 3 * per_epoch and saved["trainer"]["max_epochs"] == 3
     assert (tmp_path / "model.pt").is_file() and result["checkpoint"] == str(tmp_path / "model.pt")
 

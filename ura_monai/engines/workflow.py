@@ -23,6 +23,7 @@ from ura_monai.engines.evaluator import URANetEvaluator
 from ura_monai.engines.features import extract_feature_bank
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.utils.fileio import atomic_torch_save, atomic_write_text
+from ura_monai.utils.paths import mark_output_dir
 from ura_monai.losses.ura_loss import URANetLoss
 from ura_monai.metrics import AnomalyDetectionMetric
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
@@ -252,8 +253,7 @@ def fit(
     start = time.perf_counter()
     set_determinism(seed)
     device = torch.device(device)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = mark_output_dir(output_dir, "fit")  # so that the output-folder rule knows it as a fit run
     if not train_items:
         raise ValueError("no training images")
     fit_items, val_items = split_normal_validation(train_items, val_fraction, seed)
@@ -393,8 +393,7 @@ def test(
     if output_dir is not None:
         from ura_monai.inference.writers import save_roc_curve_png, write_csv
 
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = mark_output_dir(output_dir, "test")
         atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2))
         write_csv(output_dir / "per_image.csv", rows)
         labels = [r["label"] for r in rows]

@@ -34,6 +34,7 @@ __all__ = [
     "is_ignored_name",
     "is_within",
     "list_input_files",
+    "mark_output_dir",
     "read_output_marker",
     "safe_child",
     "safe_name",
@@ -215,6 +216,25 @@ def _clear_folder(folder: Path) -> None:
             entry.unlink()
 
 
+def mark_output_dir(output_dir: PathLike, kind: str) -> Path:
+    """Record in ``output_dir`` (created) that a ura-monai ``kind`` run writes there, unless a marker exists.
+
+    For library functions (``workflow.fit`` / ``test``) that leave the rule to their callers but whose folders the
+    rule must recognise later (``--overwrite``, ``--resume``).
+    """
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if read_output_marker(out) is None:
+        from ura_monai.utils.fileio import atomic_write_json
+
+        atomic_write_json(out / OUTPUT_MARKER_NAME, {"kind": kind, "started": _now(), "pid": os.getpid()})
+    return out
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def check_output_dir(
     output_dir: PathLike,
     kind: str,
@@ -309,7 +329,7 @@ def claim_output_dir(
         logger.warning("replacing the previous '%s' run in %s", (read_output_marker(out) or {}).get("kind"), out)
         _clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"kind": kind, "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "pid": os.getpid()}
+    record = {"kind": kind, "started": _now(), "pid": os.getpid()}
     try:
         fd = os.open(out / OUTPUT_MARKER_NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except FileExistsError:
