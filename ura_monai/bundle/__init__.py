@@ -23,8 +23,8 @@ from .checks import (
     check_preset,
     check_training_config,
 )
-from .errors import install_excepthook
 from .data import list_input_files, oct_abnormal_validation, test_datalist, training_splits
+from .errors import install_excepthook
 from .training import CosineDecay, FeatureCacheDataset, URANetBundleTrainer, is_rank0, rank, unwrap
 
 __all__ = [
