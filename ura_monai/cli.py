@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
 import time
 import warnings
@@ -262,7 +261,9 @@ def _list_input_files(folder: Path) -> list[Path]:
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
+    from ura_monai.utils.paths import safe_name
+
+    return safe_name(text, fallback="image")
 
 
 # --------------------------------------------------------------------------- shared steps

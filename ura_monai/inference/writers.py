@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ura_monai.utils.fileio import atomic_path, atomic_write_text, csv_text
-from ura_monai.utils.paths import is_within
+from ura_monai.utils.paths import is_within, safe_name
 
 __all__ = ["output_path_for", "save_array", "save_map_figure", "save_png", "save_roc_curve_png", "write_csv"]
 
@@ -28,7 +27,6 @@ PathLike = str | os.PathLike
 
 # suffixes that wrap another one: "scan.nii.gz" has the stem "scan", not "scan.nii"
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM_CHARS = 120
 
 
@@ -255,8 +253,7 @@ def _stem(path: Path) -> str:
 
 def _safe_stem(stem: str) -> str:
     # only portable characters; no leading dots (hidden files, "..") and a bounded length
-    safe = _UNSAFE_CHARS.sub("_", stem).lstrip(".")
-    return safe[:_MAX_STEM_CHARS] or "output"
+    return safe_name(stem, fallback="output", max_chars=_MAX_STEM_CHARS)
 
 
 def output_path_for(
