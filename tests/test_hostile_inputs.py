@@ -417,6 +417,16 @@ def test_special_files_are_skipped_with_a_reason(tmp_path, monkeypatch):
     assert "loop" in reasons["loop_a.png"] and "device" in reasons["device.png"]
     assert "loop" in reasons["up"] and "unreadable folder" in reasons["locked"]
 
+    # the DICOM scan reports them too (it walks the tree itself): skipped rows instead of a hang or silence
+    from ura_monai.data.dicom import discover_series
+
+    (folder / "sub" / "up").unlink()
+    (folder / "loop_a.png").unlink()  # a loop of file links is reported; remove it to keep the check short
+    _, dicom_skipped = discover_series(folder)
+    dicom_reasons = {Path(item.path).name: item.reason for item in dicom_skipped}
+    assert "FIFO" in dicom_reasons["pipe.png"] and "dangling" in dicom_reasons["dangling.png"]
+    assert "device" in dicom_reasons["device.png"] and "unreadable folder" in dicom_reasons["locked"]
+
 
 def test_fifo_input_never_blocks(trained, tmp_path):
     fifo = tmp_path / "in" / "pipe.png"

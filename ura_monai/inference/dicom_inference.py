@@ -14,7 +14,10 @@ Safety: the output folder may not be inside the input folder (nor the reverse); 
 built in a hidden staging folder and renamed into place when complete, so a crash never leaves a
 half-written series folder; every file is written through a temporary file + ``os.replace``.
 A failing series gets an ``error`` row in ``results.csv`` and the others go on. No patient name
-or ID is used in file names or logs: series folders are named by SeriesInstanceUID.
+or ID is used in file names or logs: series folders are named by SeriesInstanceUID, reduced to one
+portable path component (a UID is file content: ``../`` or an absolute path must not leave the
+output folder) and checked to stay inside it. The output folder follows the rule of
+``docs/robustness.md`` (new or empty, or a previous run's with ``overwrite``).
 """
 
 from __future__ import annotations
