@@ -12,8 +12,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from ura_monai.bundle.training import is_rank0
 from ura_monai.inference.io import atomic_write_text
+from ura_monai.utils.distributed import is_rank0
 
 __all__ = ["AnomalyMetricsWriter"]
 
