@@ -220,18 +220,13 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
     assert "predict" in capsys.readouterr().out
 
 
-def test_cli_choices_match_the_library():
-    # the CLI lists them itself so that `--help` does not import torch
-    from ura_monai import cli
-    from ura_monai.engines.features import AUGMENTATIONS
-    from ura_monai.networks.blocks.anomaly_map import SCORE_MODES
-    from ura_monai.networks.blocks.feature_extractor import BACKBONE_LEVELS
-    from ura_monai.networks.nets.ura_net import MAP_SOURCES
+def test_help_does_not_import_torch():
+    # the CLI's choices come from the torch-free ura_monai.utils.enums, so `--help` stays fast
+    code = "import sys; from ura_monai.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    import subprocess
 
-    assert set(cli.SCORE_MODES) == set(SCORE_MODES)
-    assert set(cli.AUGMENTATIONS) == set(AUGMENTATIONS)
-    assert set(cli.BACKBONES) == set(BACKBONE_LEVELS)
-    assert set(cli.MAP_SOURCES) == set(MAP_SOURCES)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_predict_dicom_on_the_shared_mr_series(checkpoint, shared_data, tmp_path, capsys):
