@@ -356,7 +356,7 @@ def profile_stages(args, device: torch.device) -> dict:
         if path == "reference" and model.ram is not None and hasattr(model.ram, "prototype_distance"):
             method = model.ram.prototype_distance
 
-            def timed_distance(*a, **k):
+            def timed_distance(*a, method=method, **k):
                 with timer.span("prototype_distance"):
                     return method(*a, **k)
 
