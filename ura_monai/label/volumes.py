@@ -135,10 +135,10 @@ def iter_slice_batches(
         yield chunk, np.stack([slice_to_image(volume, axis, int(i)) for i in chunk])[:, None]
 
 
-def place_slice_maps(maps: np.ndarray, shape: Sequence[int], axis: int, out: np.ndarray, indices: Sequence[int]) -> None:
+def place_slice_maps(maps: np.ndarray, shape: Sequence[int], axis: int, out: np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
     """Write ``(N, H, W)`` slice maps back into ``out`` (the volume's shape) at ``indices`` along ``axis``."""
     axis = _check_axis(axis)
     for map_2d, index in zip(maps, indices):
-        selector = [slice(None)] * 3
+        selector: list[slice | int] = [slice(None)] * 3
         selector[axis] = int(index)
         out[tuple(selector)] = map_2d.T

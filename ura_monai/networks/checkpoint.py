@@ -169,7 +169,7 @@ def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], map_locat
 def load_into(network: torch.nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
     """Load a :func:`read_checkpoint` result into ``network`` (a URANet, DDP-wrapped or not), after checking that
     its architecture settings match (:func:`check_checkpoint_config`); the frozen backbone keeps its weights."""
-    model = unwrap(network)
+    model: Any = unwrap(network)
     check_checkpoint_config(checkpoint["config"], model.config, source)
     missing, unexpected = model.load_trainable_state_dict(checkpoint["state_dict"])
     if missing or unexpected:

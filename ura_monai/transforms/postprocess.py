@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_dst_type, convert_to_tensor
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator
 
@@ -74,7 +74,7 @@ class SmoothAnomalyMap(Transform):
         sigma: Gaussian standard deviation in pixels; 0 returns a copy of the input.
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, sigma: float = 4.0) -> None:
         if sigma < 0:
@@ -149,7 +149,7 @@ class NormalizeAnomalyScore(Transform):
         max_value: largest raw value seen on the statistics set (> ``min_value``).
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, threshold: float, min_value: float, max_value: float) -> None:
         # float() also accepts 0-d tensors / numpy scalars read from a checkpoint
@@ -217,7 +217,7 @@ class ThresholdAnomalyMap(Transform):
         dtype: output dtype, numpy or torch (converted to the container's equivalent).
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, threshold: float, dtype: Any = np.uint8) -> None:
         self.threshold = float(threshold)
@@ -314,7 +314,7 @@ class RenderHeatmapOverlay(Transform):
         contour_color: RGB uint8 colour of the mask contour (white: it stands out on ``jet``, unlike green).
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(
         self,

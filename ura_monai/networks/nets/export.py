@@ -145,10 +145,10 @@ class URANetExport(nn.Module):
         input_channels: int = 1,
     ) -> None:
         super().__init__()
-        network = unwrap(network)
-        if not isinstance(network, URANet):
-            raise TypeError(f"URANetExport wraps a URANet, got {type(network).__name__}")
-        self.network = network.eval()
+        inner = unwrap(network)
+        if not isinstance(inner, URANet):
+            raise TypeError(f"URANetExport wraps a URANet, got {type(inner).__name__}")
+        self.network = network = inner.eval()
         self.num_samples = int(network.config.get("num_samples", 0) if num_samples is None else num_samples)
         if self.num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
