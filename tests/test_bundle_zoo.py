@@ -33,7 +33,10 @@ def zoo_bundle(tmp_path_factory) -> Path:
 
 
 def _files(root: Path) -> dict[str, str]:
-    return {"meta_file": str(root / "configs" / "metadata.json"), "config_file": str(root / "configs" / "inference.json")}
+    return {
+        "meta_file": str(root / "configs" / "metadata.json"),
+        "config_file": str(root / "configs" / "inference.json"),
+    }
 
 
 def _network_def(root: Path) -> torch.nn.Module:
@@ -72,7 +75,9 @@ def test_zoo_verify_net_in_out_on_network_def(zoo_bundle):
     from monai.bundle import verify_net_in_out
 
     files = _files(zoo_bundle)
-    verify_net_in_out("network_def", **files, device="cpu", bundle_root=str(zoo_bundle), image_size=SIZE, **NETWORK_FORMAT)
+    verify_net_in_out(
+        "network_def", **files, device="cpu", bundle_root=str(zoo_bundle), image_size=SIZE, **NETWORK_FORMAT
+    )
     # the check is real: a metadata that promises one output channel fails
     with pytest.raises(ValueError, match="output channel number `2` doesn't match: `1`"):
         verify_net_in_out("network_def", **files, device="cpu", bundle_root=str(zoo_bundle), image_size=SIZE,

@@ -82,7 +82,9 @@ def check_checkpoint_config(
     ]  # fmt: skip
     if differing:
         detail = "; ".join(f"{k}: checkpoint {s!r}, config {b!r}" for k, s, b in differing)
-        hint = " ".join(f"--network_def#{k} {s!r}" if k != "image_size" else f"--image_size {s!r}" for k, s, _ in differing)
+        hint = " ".join(
+            f"--network_def#{k} {s!r}" if k != "image_size" else f"--image_size {s!r}" for k, s, _ in differing
+        )
         raise ValueError(f"{source} was trained with other network settings than the config ({detail}); pass {hint}")
 
 
@@ -96,12 +98,20 @@ def checkpoint_state_dict(
     for key in POSTPROCESSING_KEYS:
         value = post.pop(key, None)
         state[key] = torch.tensor(math.nan if value is None else float(value), dtype=torch.float64)
-    state[EXTRA_STATE_KEY] = {"format": CHECKPOINT_FORMAT, "config": model.config, "postprocessing": post, "extra": dict(extra or {})}
+    state[EXTRA_STATE_KEY] = {
+        "format": CHECKPOINT_FORMAT,
+        "config": model.config,
+        "postprocessing": post,
+        "extra": dict(extra or {}),
+    }
     return state
 
 
 def save_checkpoint(
-    path: str | os.PathLike, model: torch.nn.Module, postprocessing: dict[str, float] | None = None, extra: dict[str, Any] | None = None
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    postprocessing: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` (config + trainable state) and post-processing statistics atomically to ``path``."""
     path = Path(path)
@@ -163,7 +173,9 @@ def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], map_locat
                 "postprocessing": dict(checkpoint.get("postprocessing") or {}),
                 "extra": dict(checkpoint.get("extra") or {}),
             }
-    raise ValueError(f"{source} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT} or {LEGACY_CHECKPOINT_FORMAT})")
+    raise ValueError(
+        f"{source} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT} or {LEGACY_CHECKPOINT_FORMAT})"
+    )
 
 
 def load_into(network: torch.nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
@@ -176,7 +188,9 @@ def load_into(network: torch.nn.Module, checkpoint: Mapping[str, Any], source: s
         raise ValueError(f"{source} does not match the network: missing {missing}, unexpected {unexpected}")
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", **overrides: Any) -> tuple[URANet, dict[str, Any]]:
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device | str = "cpu", **overrides: Any
+) -> tuple[URANet, dict[str, Any]]:
     """Rebuild a URA-Net from a checkpoint written by :func:`save_checkpoint` (or the first format).
 
     Args:

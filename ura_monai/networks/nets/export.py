@@ -98,7 +98,9 @@ class _RecordNoise(TorchFunctionMode):
             if func is torch.randn_like:
                 shape = tuple(args[0].shape)
             else:
-                shape = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
+                shape = (
+                    tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
+                )
             sample = torch.randn(shape, generator=self.generator, dtype=torch.float32)
             self.noise.append(sample)
             return sample.to(kwargs.get("device") or "cpu")
@@ -175,7 +177,9 @@ class URANetExport(nn.Module):
         device = next(self.network.parameters()).device
         recorder = _RecordNoise(torch.Generator().manual_seed(self.seed))
         with torch.no_grad(), recorder:
-            self.network(torch.zeros(1, 3, self.image_size, self.image_size, device=device), num_samples=self.num_samples)
+            self.network(
+                torch.zeros(1, 3, self.image_size, self.image_size, device=device), num_samples=self.num_samples
+            )
         for index, sample in enumerate(recorder.noise):
             name = f"noise_{index}"
             self.register_buffer(name, sample.to(device), persistent=False)
@@ -220,7 +224,12 @@ class URANetExport(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> dict[str, Any]:
         """The checkpoint's non-tensor part: format, the network's config, other statistics, extra values."""
-        return {"format": CHECKPOINT_FORMAT, "config": self.network.config, "postprocessing": dict(self.postprocessing_extra), "extra": dict(self.extra)}
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.network.config,
+            "postprocessing": dict(self.postprocessing_extra),
+            "extra": dict(self.extra),
+        }
 
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
