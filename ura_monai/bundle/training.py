@@ -82,7 +82,7 @@ class FeatureCacheDataset(torch.utils.data.Dataset):
     ) -> None:
         if not data:
             raise ValueError("no training images to cache features of")
-        model = unwrap(network)
+        model: Any = unwrap(network)
         loader = DataLoader(
             Dataset(list(data), transform=anomaly_transforms(image_size, augment=False, channels=channels)),
             batch_size=batch_size,

@@ -109,12 +109,12 @@ class URANetCheckpointSaver:
 
     def save_final(self, engine: Engine) -> Path | None:
         """Write ``final_filename`` (called when training completes, also after early stopping)."""
-        return self._save(self.final_filename, {"epoch": int(engine.state.epoch), "max_epochs": int(engine.state.max_epochs)})
+        return self._save(self.final_filename, {"epoch": int(engine.state.epoch), "max_epochs": int(engine.state.max_epochs or 0)})
 
     def save_best(self, validator: Engine) -> Path | None:
         """Write ``best_filename`` when this validation set a new best key metric."""
         state = validator.state
-        if state.key_metric_name is None or state.best_metric_epoch != state.epoch:
+        if not self.best_filename or state.key_metric_name is None or state.best_metric_epoch != state.epoch:
             return None
         epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(state.epoch)
         return self._save(self.best_filename, {"epoch": epoch, "key_metric": state.key_metric_name, "key_metric_value": float(state.best_metric)})

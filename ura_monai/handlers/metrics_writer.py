@@ -54,7 +54,7 @@ class AnomalyMetricsWriter:
         self.rows = []
 
     def _collect(self, engine: Engine) -> None:
-        out = engine.state.output
+        out: Any = engine.state.output
         scores = out["pred_score"].reshape(-1)
         for i in range(scores.shape[0]):
             self.rows.append(

@@ -170,8 +170,8 @@ class NormalizeAnomalyScore(Transform):
             value = (float(img) - self.threshold) / (self.max_value - self.min_value) + 0.5
             return min(max(value, 0.0), 1.0)
         if isinstance(img, torch.Tensor):
-            x = img if img.is_floating_point() else img.float()
-            return ((x - self.threshold) / (self.max_value - self.min_value) + 0.5).clamp(0.0, 1.0)
+            t = img if img.is_floating_point() else img.float()
+            return ((t - self.threshold) / (self.max_value - self.min_value) + 0.5).clamp(0.0, 1.0)
         x = np.asarray(img)
         x = x.astype(_float_dtype(x), copy=False)
         return np.clip((x - self.threshold) / (self.max_value - self.min_value) + 0.5, 0.0, 1.0).astype(x.dtype, copy=False)
@@ -264,7 +264,7 @@ class ThresholdAnomalyMapd(MapTransform):
         if output_keys is None:
             self.output_keys: tuple[Hashable, ...] = tuple(self.keys)
         else:
-            self.output_keys = (output_keys,) if isinstance(output_keys, (str, int)) else tuple(output_keys)
+            self.output_keys = (output_keys,) if isinstance(output_keys, (str, int)) else tuple(output_keys)  # type: ignore[arg-type]
         if len(self.output_keys) != len(self.keys):
             raise ValueError(f"output_keys must match keys one to one, got {self.output_keys} for {self.keys}")
 
