@@ -166,6 +166,7 @@ def trained(tmp_path_factory, oct_data) -> dict:
 # --------------------------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_training_writes_project_checkpoints_with_thresholds(trained, oct_data):
     from ura_monai.inference.predictor import URANetPredictor
     from ura_monai.networks.checkpoint import load_checkpoint, read_checkpoint
@@ -188,6 +189,7 @@ def test_training_writes_project_checkpoints_with_thresholds(trained, oct_data):
     assert re.search(r"val_score: \S+ val_score_image_auroc: \S+ val_score_normal_residual", trained["log"])
 
 
+@pytest.mark.slow
 def test_training_logs_tensorboard_scalars_and_anomaly_maps(trained):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -199,6 +201,7 @@ def test_training_logs_tensorboard_scalars_and_anomaly_maps(trained):
     assert any(tag.startswith("output") for tag in events.Tags()["images"])  # the anomaly map of a validation image
 
 
+@pytest.mark.slow
 def test_tracking_mlflow_records_the_run(trained):
     import mlflow
 
@@ -215,6 +218,7 @@ def test_tracking_mlflow_records_the_run(trained):
 # --------------------------------------------------------------------------------------------- evaluation, inference
 
 
+@pytest.mark.slow
 def test_evaluate_writes_image_metrics(trained, oct_data):
     root = trained["root"]
     bundle("run", "evaluating", "--bundle_root", str(root), "--config_file", _config_list(TRAIN, EVALUATE), "--dataset_dir", str(oct_data), *TINY)
@@ -227,6 +231,7 @@ def test_evaluate_writes_image_metrics(trained, oct_data):
     assert (root / "eval" / "roc_curve.png").is_file()
 
 
+@pytest.mark.slow
 def test_inference_on_images_writes_maps_overlays_and_scores(trained, oct_data, tmp_path):
     out = tmp_path / "predictions"
     bundle("run", "--bundle_root", str(trained["root"]), "--config_file", INFERENCE, "--input_dir", str(oct_data / "test"), "--output_dir", str(out))
@@ -240,6 +245,7 @@ def test_inference_on_images_writes_maps_overlays_and_scores(trained, oct_data, 
     assert (out / f"{stem}_overlay.png").is_file() and (out / f"{stem}_uncertainty.png").is_file()
 
 
+@pytest.mark.slow
 def test_inference_on_a_dicom_folder(trained, tmp_path):
     uid = write_dicom_series(tmp_path / "dicom" / "series")
     out = tmp_path / "dicom_results"
@@ -263,6 +269,7 @@ def test_inference_on_a_dicom_folder(trained, tmp_path):
 # --------------------------------------------------------------------------------------------- multi-process
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_with_gloo(oct_data, tmp_path):
     root = tmp_path / "ddp_root"
     proc = _run(
@@ -288,6 +295,7 @@ def test_torchrun_two_ranks_with_gloo(oct_data, tmp_path):
 # --------------------------------------------------------------------------------------------- presets
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["mvtec_ad", "btad", "folder"])
 def test_presets_train_on_their_layout(preset, tmp_path):
     from ura_monai.data import make_demo_dataset
@@ -337,6 +345,7 @@ def _initialize(config_file, **override):
     return " | ".join(messages)
 
 
+@pytest.mark.slow
 def test_bad_input_fails_at_initialize_naming_the_key(oct_data, tmp_path):
     root = str(tmp_path / "root")
     bad_preset = tmp_path / "bad_preset.json"

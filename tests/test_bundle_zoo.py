@@ -51,6 +51,7 @@ def _network_def(root: Path) -> torch.nn.Module:
     return network.eval()
 
 
+@pytest.mark.slow  # trains the bundle (about 35 s)
 def test_zoo_files_version_and_metadata(zoo_bundle):
     from monai.bundle import verify_metadata
 
@@ -71,6 +72,7 @@ def test_zoo_metadata_check_fails_on_a_broken_file(tmp_path):
         verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=SCHEMA)
 
 
+@pytest.mark.slow  # trains the bundle (about 35 s)
 def test_zoo_verify_net_in_out_on_network_def(zoo_bundle):
     from monai.bundle import verify_net_in_out
 
@@ -84,6 +86,7 @@ def test_zoo_verify_net_in_out_on_network_def(zoo_bundle):
                           **NETWORK_FORMAT, **{"_meta_#network_data_format#outputs#pred#num_channels": 1})  # fmt: skip
 
 
+@pytest.mark.slow  # trains the bundle (about 35 s)
 def test_zoo_ckpt_export_and_onnx_export_match_the_eager_network_def(zoo_bundle, tmp_path):
     from monai.bundle import ckpt_export, onnx_export
 

@@ -222,6 +222,7 @@ class URANetExport(nn.Module):
         return shell
 
     # ------------------------------------------------------------------ checkpoints
+    @torch.jit.ignore  # checkpoint I/O stays Python when the wrapper is scripted or traced
     def get_extra_state(self) -> dict[str, Any]:
         """The checkpoint's non-tensor part: format, the network's config, other statistics, extra values."""
         return {
@@ -231,6 +232,7 @@ class URANetExport(nn.Module):
             "extra": dict(self.extra),
         }
 
+    @torch.jit.ignore  # checkpoint I/O stays Python when the wrapper is scripted or traced
     def set_extra_state(self, state: Any) -> None:
         if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"not a URA-Net checkpoint's extra state (expected format {CHECKPOINT_FORMAT})")
@@ -238,6 +240,7 @@ class URANetExport(nn.Module):
         self.postprocessing_extra = dict(state.get("postprocessing") or {})
         self.extra = dict(state.get("extra") or {})
 
+    @torch.jit.ignore  # checkpoint I/O stays Python when the wrapper is scripted or traced
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
         """Load a checkpoint (:func:`ura_monai.networks.checkpoint.read_checkpoint` reads both formats).
 
