@@ -25,16 +25,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ura_monai.utils.enums import AugmentView, Backbone, Layout, MapSource, ScoreMode, VolumeAggregation
+
 __all__ = ["main", "build_parser", "CLIError"]
 
 logger = logging.getLogger("ura_monai")
 
 PROG = "ura-monai"
-LAYOUTS = ("mvtec", "btad", "oct2017", "folder")
-BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
-AUGMENTATIONS = ("none", "hflip", "dihedral")
-SCORE_MODES = ("max", "topk_mean", "std", "mean")
-MAP_SOURCES = ("prototype", "restoration", "restored", "perception")
 MAP_FIGURES = 8  # figures written by `test`: the most anomalous images and a few normal ones
 MAP_FIGURES_NORMAL = 3
 OVERWRITE_HELP = ("replace the previous ura-monai run in OUTPUT (without it a non-empty OUTPUT is refused; "
@@ -99,14 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_image_size, default=256, help="square input size, a multiple of 32 (default 256)")
     p.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
-    p.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0", help="frozen feature extractor (default efficientnet_lite0, offline)")
+    p.add_argument("--backbone", choices=Backbone.choices(), default="efficientnet_lite0", help="frozen feature extractor (default efficientnet_lite0, offline)")
     p.add_argument("--backbone-weights", metavar="FILE", help="local state-dict file of the backbone's ImageNet weights")
-    p.add_argument("--augment", choices=AUGMENTATIONS, default="none", help="training views: none, hflip, or dihedral (flips and rotations)")
+    p.add_argument("--augment", choices=AugmentView.choices(), default="none", help="training views: none, hflip, or dihedral (flips and rotations)")
     p.add_argument("--no-fasm", action="store_true", help="ablation: no feature-level anomaly synthesis")
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
-    p.add_argument("--score-mode", choices=SCORE_MODES, default="max", help="image score from the anomaly map (default max)")
-    p.add_argument("--map-source", choices=MAP_SOURCES, default="prototype",
+    p.add_argument("--score-mode", choices=ScoreMode.choices(), default="max", help="image score from the anomaly map (default max)")
+    p.add_argument("--map-source", choices=MapSource.choices(), default="prototype",
                    help="anomaly map: residual to the nearest prototype (default, fastest) or to the RAM's attention "
                         "restoration (best localization after a full schedule, about 3x slower on CPU); see docs/benchmarks.md")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -161,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per batch (default 16)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slicing axis of the volume (default 0: the acquired slices / B-scans)")
-    p.add_argument("--aggregation", choices=("max", "mean", "topk_mean"), default="max", help="volume score from slice scores (default max)")
+    p.add_argument("--aggregation", choices=VolumeAggregation.choices(), default="max", help="volume score from slice scores (default max)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="most anomalous slices listed per series (default 5)")
     p.add_argument("--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)")
     p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
@@ -184,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layout", required=True, choices=LAYOUTS, help="dataset folder layout")
+    p.add_argument("--layout", required=True, choices=Layout.choices(), help="dataset folder layout")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root folder")
     p.add_argument("--category", metavar="NAME", help="category / product sub-folder of ROOT (mvtec, btad, folder)")
     p.add_argument("--num-train-normal", type=_positive_int, metavar="N",

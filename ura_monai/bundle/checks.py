@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ura_monai.engines.features import AUGMENTATIONS
+from ura_monai.utils.enums import AugmentView, InputType, Layout
 from ura_monai.utils.paths import OutputFolderError, check_output_dir, is_within
 
 __all__ = [
@@ -27,8 +27,8 @@ __all__ = [
     "check_inference_config",
 ]
 
-LAYOUTS = ("oct2017", "mvtec", "btad", "folder")
-INPUT_TYPES = ("images", "dicom")
+LAYOUTS = Layout.choices()
+INPUT_TYPES = InputType.choices()
 
 # the keys a preset may set, with the bundle's (OCT-2017) values; see configs/*.json at the repository root
 PRESET_DEFAULTS: dict[str, Any] = {
@@ -71,8 +71,8 @@ def check_preset(preset: Mapping[str, Any] | None) -> dict[str, Any]:
     out = {**PRESET_DEFAULTS, **preset}
     if out["layout"] not in LAYOUTS:
         raise ValueError(f"preset#layout must be one of {LAYOUTS}, got {out['layout']!r}")
-    if out["augment"] not in AUGMENTATIONS:
-        raise ValueError(f"preset#augment must be one of {AUGMENTATIONS}, got {out['augment']!r}")
+    if out["augment"] not in AugmentView.choices():
+        raise ValueError(f"preset#augment must be one of {AugmentView.choices()}, got {out['augment']!r}")
     if out["channels"] not in (None, 1, 3):
         raise ValueError(f"preset#channels must be null, 1 or 3, got {out['channels']!r}")
     fraction = out["val_fraction"]

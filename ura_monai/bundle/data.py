@@ -43,7 +43,7 @@ def oct_abnormal_validation(dataset_dir: str | os.PathLike, per_class: int, seed
             candidates = folder_datalist(folder, split="train", category="oct2017", verify=False)
         except ValueError:  # a class folder without images
             continue
-        chosen = []
+        chosen: list[dict[str, Any]] = []
         for index in torch.randperm(len(candidates), generator=generator).tolist():
             if len(chosen) == per_class:
                 break

@@ -36,7 +36,7 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
-from ura_monai.data.transforms import _stored_size, image_size_reason
+from ura_monai.data.transforms import stored_size, image_size_reason
 from ura_monai.utils.paths import SkippedFileWarning, is_ignored_name, list_input_files, special_file_reason
 
 __all__ = [
@@ -226,7 +226,7 @@ def _anomalous_items(
                 # an anomalous image without its (broken) mask would silently skew pixel metrics
                 _report_skip(image, f"its mask {mask} is unreadable: {reason}", skipped)
                 continue
-            image_size, mask_size = _stored_size(image), _stored_size(mask)
+            image_size, mask_size = stored_size(image), stored_size(mask)
             if image_size is not None and mask_size is not None and image_size != mask_size:
                 _report_skip(
                     image,

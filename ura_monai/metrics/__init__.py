@@ -2,10 +2,13 @@
 
 from ura_monai.metrics.anomaly_metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric, from_anomaly_output
 from ura_monai.metrics.functional import aupro, auroc, f1_max, f1_max_threshold, image_auroc, pixel_auroc, roc_curve
+from ura_monai.metrics.validation import ScalarAnomalyMetrics, ValidationScore, scores_and_labels
 
 __all__ = [
     "ANOMALY_METRIC_NAMES",
     "AnomalyDetectionMetric",
+    "ScalarAnomalyMetrics",
+    "ValidationScore",
     "from_anomaly_output",
     "aupro",
     "auroc",
@@ -14,4 +17,5 @@ __all__ = [
     "image_auroc",
     "pixel_auroc",
     "roc_curve",
+    "scores_and_labels",
 ]

@@ -11,7 +11,7 @@ exactly with numpy/scipy, except :func:`aupro`, which samples the false-positive
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -19,7 +19,7 @@ from scipy import ndimage
 __all__ = ["roc_curve", "auroc", "image_auroc", "pixel_auroc", "f1_max", "f1_max_threshold", "aupro"]
 
 # one array of maps/masks (N, H, W), (N, 1, H, W), (N, 1, D, H, W), ... or a list of per-image arrays
-MapsLike = Union[np.ndarray, Sequence[Any], Any]
+MapsLike = np.ndarray | Sequence[Any] | Any
 
 # positives are searched in chunks so that the int64 index arrays stay small for ~1e8 pixels
 _SEARCH_CHUNK = 1 << 22

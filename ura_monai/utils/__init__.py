@@ -1,11 +1,29 @@
-"""Small helpers shared by every layer (data, networks, engines, inference, CLI, bundle).
+"""Helpers of the lowest layer (see docs/design.md): nothing here imports another ``ura_monai`` package, and
+importing this package stays torch-free (the CLI's ``--help`` relies on it).
 
+- :mod:`.enums`: the option vocabularies;
+- :mod:`.distributed`: ``unwrap`` and the rank helpers (import them from ``ura_monai.utils.distributed``);
 - :mod:`.fileio`: atomic writes (temporary file in the same folder + ``os.replace``) of bytes, text, JSON, CSV,
   torch objects, ``.npy`` arrays and images, and CSV cells escaped against spreadsheet formula injection;
 - :mod:`.paths`: names built from file content kept inside their folder, safe listing of input folders, and the
   output-folder rule of every command.
 """
 
+from .enums import (
+    AttentionMode,
+    AugmentView,
+    Backbone,
+    FasmCorruption,
+    FasmMaskType,
+    InputType,
+    Layout,
+    MapSource,
+    Precision,
+    Residual,
+    ScoreMode,
+    StrEnum,
+    VolumeAggregation,
+)
 from .fileio import (
     atomic_path,
     atomic_save_image,
@@ -39,8 +57,21 @@ from .paths import (
 __all__ = [
     "IGNORED_NAMES",
     "OUTPUT_MARKER_NAME",
+    "AttentionMode",
+    "AugmentView",
+    "Backbone",
+    "FasmCorruption",
+    "FasmMaskType",
+    "InputType",
+    "Layout",
+    "MapSource",
     "OutputFolderError",
+    "Precision",
+    "Residual",
+    "ScoreMode",
     "SkippedFileWarning",
+    "StrEnum",
+    "VolumeAggregation",
     "atomic_path",
     "atomic_save_image",
     "atomic_save_npy",
@@ -52,8 +83,8 @@ __all__ = [
     "check_output_dir",
     "claim_output_dir",
     "csv_text",
-    "escape_csv_cell",
     "ensure_within",
+    "escape_csv_cell",
     "is_ignored_name",
     "is_within",
     "list_input_files",
