@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ura_monai.inference.aggregation import VOLUME_AGGREGATIONS
+
 __all__ = ["main", "build_parser", "CLIError"]
 
 logger = logging.getLogger("ura_monai")
@@ -92,7 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    # ---- fit
+    _add_fit_command(sub, common)
+    _add_test_command(sub, common)
+    _add_predict_command(sub, common)
+    _add_predict_dicom_command(sub, common)
+    _add_demo_command(sub, common)
+    return parser
+
+
+def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai fit``: train on normal images."""
     p = sub.add_parser("fit", parents=[common], help="train on normal images and write model.pt with thresholds",
                        description="Train URA-Net on the normal training images of a dataset; thresholds come from held-out normal images.")
     _add_data_arguments(p)
@@ -119,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_fit)
 
-    # ---- test
+
+def _add_test_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai test``: evaluate a checkpoint on a labelled test split."""
     p = sub.add_parser("test", parents=[common], help="evaluate a checkpoint on a labelled test split",
                        description="Evaluate a checkpoint: writes metrics.json, per_image.csv, roc_curve.png and maps/*.png.")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
@@ -133,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_test)
 
-    # ---- predict
+
+def _add_predict_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai predict``: maps and scores for image files."""
     p = sub.add_parser("predict", parents=[common], help="anomaly maps and scores for image files",
                        description="Predict image files (a file, or a folder searched recursively). Per image: "
                        "<stem>_overlay.png, <stem>_anomaly_map.npy, <stem>_uncertainty.npy, <stem>_uncertainty.png; "
@@ -148,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
     p.set_defaults(func=_cmd_predict)
 
-    # ---- predict-dicom
+
+def _add_predict_dicom_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai predict-dicom``: maps and scores for every series of a DICOM folder."""
     p = sub.add_parser("predict-dicom", parents=[common], help="anomaly maps and scores for every series of a DICOM folder",
                        description="Scan a DICOM folder tree (headers only), run URA-Net slice by slice on every image "
                        "series and write, per series under OUTPUT/<series UID>/: NIfTI anomaly and uncertainty maps "
@@ -161,14 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per batch (default 16)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slicing axis of the volume (default 0: the acquired slices / B-scans)")
-    p.add_argument("--aggregation", choices=("max", "mean", "topk_mean"), default="max", help="volume score from slice scores (default max)")
+    p.add_argument("--aggregation", choices=VOLUME_AGGREGATIONS, default="max", help="volume score from slice scores (default max)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="most anomalous slices listed per series (default 5)")
     p.add_argument("--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)")
     p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
                    help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
     p.set_defaults(func=_cmd_predict_dicom)
 
-    # ---- demo
+
+def _add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai demo``: synthetic data, fit, test and predict."""
     p = sub.add_parser("demo", parents=[common], help="synthetic dataset -> fit -> test -> predict, in about a minute",
                        description="End-to-end example: writes a small synthetic MVTec-like dataset to OUTPUT/data, trains "
                        "(OUTPUT/model), evaluates (OUTPUT/test) and predicts the test images (OUTPUT/predictions). "
@@ -180,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the training (default 0)")
     p.set_defaults(func=_cmd_demo)
-    return parser
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -375,7 +393,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ura_monai.data import IMAGE_EXTENSIONS
-    from ura_monai.inference.predictor import SCORES_CSV_NAME, URANetPredictor
+    from ura_monai.inference.image_inference import SCORES_CSV_NAME
+    from ura_monai.inference.predictor import URANetPredictor
 
     device = _device(args.device)
     source = Path(args.input).expanduser()
@@ -428,7 +447,8 @@ def _cmd_predict_dicom(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ura_monai.data import build_datalist, make_demo_dataset
     from ura_monai.engines.workflow import fit
-    from ura_monai.inference.predictor import SCORES_CSV_NAME, URANetPredictor
+    from ura_monai.inference.image_inference import SCORES_CSV_NAME
+    from ura_monai.inference.predictor import URANetPredictor
 
     start = time.perf_counter()
     device = _device(args.device)

@@ -43,6 +43,7 @@ __all__ = [
     "image_size_reason",
     "load_image_tensor",
     "read_image_array",
+    "stored_size",
 ]
 
 logger = logging.getLogger("ura_monai.data")
@@ -61,7 +62,7 @@ _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # --------------------------------------------------------------------------- reading
 
 
-def _stored_size(path: Path) -> tuple[int, int] | None:
+def stored_size(path: Path) -> tuple[int, int] | None:
     """(H, W) from the file's header, without decoding the pixels; None when the header gives none."""
     if path.suffix.lower() in _TIFF_EXTENSIONS:
         try:
@@ -83,7 +84,7 @@ def _stored_size(path: Path) -> tuple[int, int] | None:
 def image_size_reason(path: PathLike) -> str | None:
     """``None`` when ``path``'s header says the image has at most :data:`MAX_IMAGE_PIXELS` pixels (or gives no
     size), else why it is refused. Reads the header only."""
-    size = _stored_size(Path(path))
+    size = stored_size(Path(path))
     if size is None or size[0] * size[1] <= MAX_IMAGE_PIXELS:
         return None
     return (
