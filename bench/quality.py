@@ -21,7 +21,8 @@ import torch
 
 from ura_monai.data import build_datalist
 from ura_monai.engines.features import extract_feature_bank
-from ura_monai.engines.workflow import fit, image_loader, split_normal_validation, test
+from ura_monai.engines.loaders import image_loader
+from ura_monai.engines.workflow import fit, split_normal_validation, test
 from ura_monai.metrics import aupro, f1_max, image_auroc, pixel_auroc
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor

@@ -153,14 +153,9 @@ def _add_predict_command(sub: Any, common: argparse.ArgumentParser) -> None:
                        description="Predict image files (a file, or a folder searched recursively). Per image: "
                        "<stem>_overlay.png, <stem>_anomaly_map.npy, <stem>_uncertainty.npy, <stem>_uncertainty.png; "
                        "and scores.csv for the run. Unreadable files get an error row and are skipped.")
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
-    p.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="an image file or a folder of images")
-    p.add_argument("--output", required=True, metavar="DIR", help="new or empty output folder (not an input folder)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_prediction_paths(p, "FILE_OR_DIR", "an image file or a folder of images", "not an input folder")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
-    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
+    _add_uncertainty_samples(p)
     p.set_defaults(func=_cmd_predict)
 
 
@@ -171,18 +166,13 @@ def _add_predict_dicom_command(sub: Any, common: argparse.ArgumentParser) -> Non
                        "series and write, per series under OUTPUT/<series UID>/: NIfTI anomaly and uncertainty maps "
                        "with the source geometry, a DICOM Parametric Map and SEG referencing the source (with the "
                        "dicom extra), report.json; and OUTPUT/results.csv with one row per series and skipped file.")
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
-    p.add_argument("--input", required=True, metavar="DIR", help="DICOM folder (searched recursively)")
-    p.add_argument("--output", required=True, metavar="DIR", help="new or empty output folder (not inside the input folder)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_prediction_paths(p, "DIR", "DICOM folder (searched recursively)", "not inside the input folder")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per batch (default 16)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slicing axis of the volume (default 0: the acquired slices / B-scans)")
     p.add_argument("--aggregation", choices=VOLUME_AGGREGATIONS, default="max", help="volume score from slice scores (default max)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="most anomalous slices listed per series (default 5)")
     p.add_argument("--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)")
-    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
+    _add_uncertainty_samples(p)
     p.set_defaults(func=_cmd_predict_dicom)
 
 
@@ -199,6 +189,20 @@ def _add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the training (default 0)")
     p.set_defaults(func=_cmd_demo)
+
+
+def _add_prediction_paths(p: argparse.ArgumentParser, input_metavar: str, input_help: str, output_rule: str) -> None:
+    """``--checkpoint``, ``--input``, ``--output``, ``--overwrite`` and ``--device`` of the predict commands."""
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
+    p.add_argument("--input", required=True, metavar=input_metavar, help=input_help)
+    p.add_argument("--output", required=True, metavar="DIR", help=f"new or empty output folder ({output_rule})")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def _add_uncertainty_samples(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
+                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:

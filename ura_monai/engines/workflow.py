@@ -33,7 +33,6 @@ __all__ = [
     "FeatureBankDataset",
     "compute_thresholds",
     "fit",
-    "image_loader",
     "run_inference",
     "split_normal_validation",
     "test",

@@ -238,26 +238,14 @@ def _write_nifti_maps(series: SeriesInfo, staging: Path, maps: _RawMaps, axis: i
     """The anomaly (and uncertainty) map as NIfTI with the series geometry, streamed from the raw files."""
     affine = series_affine(series)
     shape_along_axis = iteration_shape(series, axis)
-    outputs_written: dict[str, str] = {}
-    write_nifti_slabs(
-        staging / "anomaly_map.nii.gz",
-        _iter_volume_slabs(maps.anomaly_path, axis, shape_along_axis),
-        series.shape,
-        affine,
-        tuple(maps.anomaly_range),
-        "URA-Net anomaly map",
-    )
-    outputs_written["anomaly_map_nifti"] = "anomaly_map.nii.gz"
+    maps_to_write = [("anomaly_map", maps.anomaly_path, maps.anomaly_range, "URA-Net anomaly map")]
     if maps.has_uncertainty:
-        write_nifti_slabs(
-            staging / "uncertainty_map.nii.gz",
-            _iter_volume_slabs(maps.uncertainty_path, axis, shape_along_axis),
-            series.shape,
-            affine,
-            tuple(maps.uncertainty_range),
-            "URA-Net uncertainty map",
-        )
-        outputs_written["uncertainty_map_nifti"] = "uncertainty_map.nii.gz"
+        maps_to_write.append(("uncertainty_map", maps.uncertainty_path, maps.uncertainty_range, "URA-Net uncertainty map"))
+    outputs_written: dict[str, str] = {}
+    for name, raw_path, value_range, description in maps_to_write:
+        slabs = _iter_volume_slabs(raw_path, axis, shape_along_axis)
+        write_nifti_slabs(staging / f"{name}.nii.gz", slabs, series.shape, affine, tuple(value_range), description)
+        outputs_written[f"{name}_nifti"] = f"{name}.nii.gz"
     return outputs_written
 
 

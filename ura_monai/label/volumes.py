@@ -32,7 +32,6 @@ __all__ = [
     "load_volume",
     "normalize_volume",
     "place_slice_maps",
-    "slice_count",
     "slice_to_image",
 ]
 
@@ -112,10 +111,6 @@ def _check_axis(axis: int) -> int:
     if axis not in (0, 1, 2):
         raise ValueError(f"slice_axis must be 0, 1 or 2 (of the volume's x, y, z), got {axis!r}")
     return int(axis)
-
-
-def slice_count(volume: np.ndarray, axis: int = 2) -> int:
-    return int(volume.shape[_check_axis(axis)])
 
 
 def slice_to_image(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
