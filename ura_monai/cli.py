@@ -261,27 +261,6 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _list_input_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` to predict (recursive, sorted), without hidden files / folders and OS clutter.
-
-    Non-image files are kept: :meth:`URANetPredictor.predict_files` gives them an error row, so that the
-    table says what was not predicted and why. So are FIFOs, devices, dangling links and link loops (their row
-    says which; they are never opened); an unreadable sub-folder gets a warning.
-    """
-    from ura_monai.utils.paths import list_input_files
-
-    skipped: list[tuple[str, str]] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reported below: as rows of scores.csv, or as one warning per folder
-        files = list_input_files(folder, skipped=skipped)
-    for path, reason in skipped:
-        if reason.startswith("unreadable folder"):
-            logger.warning("skipping %s: %s", path, reason)
-        else:
-            files.append(Path(path))
-    return sorted(files)
-
-
 def _safe_name(text: str) -> str:
     from ura_monai.utils.paths import safe_name
 
@@ -397,7 +376,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ura_monai.data import IMAGE_EXTENSIONS
-    from ura_monai.inference.image_inference import SCORES_CSV_NAME
+    from ura_monai.inference.image_inference import SCORES_CSV_NAME, list_prediction_inputs
     from ura_monai.inference.predictor import URANetPredictor
 
     device = _device(args.device)
@@ -410,7 +389,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         raise CLIError(f"input {source} is {special_file_reason(source) or 'not a file or folder'}")
     if source.is_dir():
-        files = _list_input_files(source)
+        files = list_prediction_inputs(source)
         if not files:
             raise CLIError(f"no files found in input folder {source}")
         if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):

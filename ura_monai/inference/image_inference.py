@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,12 +25,12 @@ from ura_monai.data.image_files import image_extension_reason
 from ura_monai.data.transforms import LoadAnomalyImage, ResizeAnomaly
 from ura_monai.inference.predictor import resize_maps
 from ura_monai.inference.writers import output_path_for, save_prediction_files, write_csv
-from ura_monai.utils.paths import claim_output_dir, special_file_reason
+from ura_monai.utils.paths import claim_output_dir, list_input_files, special_file_reason
 
 if TYPE_CHECKING:
     from ura_monai.inference.predictor import URANetPredictor
 
-__all__ = ["SCORES_CSV_COLUMNS", "SCORES_CSV_NAME", "format_error", "predict_files"]
+__all__ = ["SCORES_CSV_COLUMNS", "SCORES_CSV_NAME", "format_error", "list_prediction_inputs", "predict_files"]
 
 logger = logging.getLogger("ura_monai")
 
@@ -49,6 +50,26 @@ _MAP_KEYS = ("anomaly_map", "uncertainty_map", "pred_score")
 def format_error(err: BaseException) -> str:
     """``"<Type>: <message>"`` on one line (CSV cells with newlines are valid but awkward in spreadsheets and logs)."""
     return f"{type(err).__name__}: {err}".replace("\r", " ").replace("\n", " ")
+
+
+def list_prediction_inputs(folder: str | os.PathLike) -> list[Path]:
+    """Every file under ``folder`` to predict (recursive, sorted), without hidden files / folders and OS clutter
+    (:func:`ura_monai.utils.paths.list_input_files`).
+
+    Non-image files are kept: :func:`predict_files` gives them an error row, so that the table says what was not
+    predicted and why. So are FIFOs, devices, dangling links and link loops (their row says which; they are never
+    opened); an unreadable sub-folder gets a logged warning.
+    """
+    skipped: list[tuple[str, str]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported below: as rows of scores.csv, or as one warning per folder
+        files = list_input_files(folder, skipped=skipped)
+    for path, reason in skipped:
+        if reason.startswith("unreadable folder"):
+            logger.warning("skipping %s: %s", path, reason)
+        else:
+            files.append(Path(path))
+    return sorted(files)
 
 
 def _naming_source(path: Path, input_root: str | os.PathLike | None) -> Path:
