@@ -21,7 +21,8 @@ import torch
 
 from ura_monai.data import build_datalist
 from ura_monai.engines.features import extract_feature_bank
-from ura_monai.engines.workflow import _loader, fit, split_normal_validation, test
+from ura_monai.engines.loaders import image_loader
+from ura_monai.engines.workflow import fit, split_normal_validation, test
 from ura_monai.metrics import aupro, f1_max, image_auroc, pixel_auroc
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
@@ -42,7 +43,7 @@ def nearest_neighbour_reference(train_items, test_items, args, device, subset: i
     """
     start = time.perf_counter()
     extractor = PretrainedFeatureExtractor(args.backbone, image_size=args.image_size).to(device)
-    bank = extract_feature_bank(extractor, _loader(train_items, args.image_size, 8, 0), device, args.augment, progress=False)
+    bank = extract_feature_bank(extractor, image_loader(train_items, args.image_size, 8, 0), device, args.augment, progress=False)
     if equalize_levels:
         bank = extractor.fit_level_scale(bank.to(device))
     memory = bank.permute(0, 2, 3, 1).reshape(-1, bank.shape[1]).to(device)
@@ -52,7 +53,7 @@ def nearest_neighbour_reference(train_items, test_items, args, device, subset: i
     generator = AnomalyMapGenerator(sigma=4.0).to(device)
     scores, labels, maps, masks = [], [], [], []
     start = time.perf_counter()
-    for batch in _loader(test_items, args.image_size, 8, 0):
+    for batch in image_loader(test_items, args.image_size, 8, 0):
         feats = extractor(batch["image"].to(device))
         b, c, h, w = feats.shape
         queries = feats.permute(0, 2, 3, 1).reshape(-1, c)
