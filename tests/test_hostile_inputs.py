@@ -29,6 +29,7 @@ from ura_monai.data import anomaly_transforms, make_demo_dataset, mvtec_datalist
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.engines.workflow import fit
 from ura_monai.inference.predictor import URANetPredictor
+from ura_monai.networks.checkpoint import read_checkpoint
 from ura_monai.utils import (
     OUTPUT_MARKER_NAME,
     OutputFolderError,
@@ -346,7 +347,7 @@ def test_test_output_inside_the_test_split_is_refused(trained, capsys):
 
 
 def test_grey_image_among_rgb_trains_tests_and_warns(trained, tmp_path, caplog):
-    checkpoint = torch.load(trained["checkpoint"], weights_only=True)
+    checkpoint = read_checkpoint(trained["checkpoint"])
     assert checkpoint["extra"]["channels"] == 3
     with caplog.at_level(logging.WARNING):  # the CLI logs warnings as lines of the "py.warnings" logger
         code = main(["test", "--checkpoint", str(trained["checkpoint"]), "--layout", "mvtec", "--root", str(trained["root"]),
