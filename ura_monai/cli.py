@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding workers (default 0)")
     p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty panel of the map figures (default: the checkpoint's)")
+                   help="perception passes for the uncertainty map: metrics.json's uncertainty_error_auroc and the "
+                        "figures' uncertainty panel (default: the checkpoint's; 0: none, the metric is then NaN)")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for the metrics and figures")
     p.set_defaults(func=_cmd_test)
 
@@ -266,7 +267,8 @@ def _evaluate(predictor: Any, items: list[dict[str, Any]], output_dir: Path, bat
     from ura_monai.engines.workflow import test
 
     result = test(predictor.model, items, output_dir, batch_size=batch_size, device=device, num_workers=num_workers,
-                  num_samples=0, progress=progress, image_size=predictor.image_size)
+                  num_samples=predictor.num_samples, progress=progress, image_size=predictor.image_size,
+                  image_threshold=predictor.image_threshold)
     per_image = result.pop("per_image")
     figures = _save_map_figures(predictor, per_image, output_dir / "maps")
     logger.info("wrote %s, per_image.csv, roc_curve.png and %d map figures under %s", output_dir / "metrics.json", len(figures), output_dir)

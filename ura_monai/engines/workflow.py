@@ -24,7 +24,7 @@ from ura_monai.engines.features import extract_feature_bank
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.inference.io import atomic_write_text
 from ura_monai.losses.ura_loss import URANetLoss
-from ura_monai.metrics import AnomalyDetectionMetric
+from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
@@ -291,27 +291,39 @@ def test(
     amp: bool = False,
     progress: bool = True,
     image_size: int | None = None,
+    image_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or model) on labelled test items.
 
     Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score)
     and ``roc_curve.png``.
 
+    Args:
+        num_samples: perception passes for the uncertainty map (None: the model's setting); with 0 the
+            uncertainty is zero and ``uncertainty_error_auroc`` is NaN.
+        image_threshold: image threshold for ``normal_fpr`` / ``anomalous_tpr``; defaults to the checkpoint's
+            stored ``postprocessing["image_threshold"]`` (none when a model is given: the rates are NaN).
+
     Returns:
-        dict with ``image_auroc``, ``pixel_auroc``, ``aupro``, ``f1_max`` (NaN where undefined),
+        dict with the metric values of ``ANOMALY_METRIC_NAMES`` (``image_auroc``, ``pixel_auroc``, ``aupro``,
+        ``f1_max``, ``pixel_ap``, ``pixel_f1_max``, ``uncertainty_error_auroc``, ``normal_fpr``,
+        ``anomalous_tpr``; NaN where undefined), ``image_threshold``, ``test_images``,
         ``test_images_per_second`` and ``per_image``.
     """
     if isinstance(checkpoint, URANet):
         model = checkpoint.eval()
     else:
-        model, _ = load_checkpoint(checkpoint, device)
+        model, saved = load_checkpoint(checkpoint, device)
+        if image_threshold is None:
+            image_threshold = (saved.get("postprocessing") or {}).get("image_threshold")
     size = image_size or model.config["image_size"]
     start = time.perf_counter()
     metrics, per_image = run_inference(
-        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress, metric=AnomalyDetectionMetric()
+        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress, metric=AnomalyDetectionMetric(image_threshold=image_threshold)
     )
     seconds = time.perf_counter() - start
-    result = {k: metrics.get(k, math.nan) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
+    result: dict[str, Any] = {k: metrics.get(k, math.nan) for k in ANOMALY_METRIC_NAMES}
+    result["image_threshold"] = image_threshold
     result["test_images"] = len(per_image)
     result["test_images_per_second"] = round(len(per_image) / seconds, 3) if seconds > 0 else math.nan
     rows = [{k: v for k, v in r.items() if not k.endswith("_map")} for r in per_image]
