@@ -287,7 +287,7 @@ def test(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
-    num_samples: int | None = 0,
+    num_samples: int | None = None,
     amp: bool = False,
     progress: bool = True,
     image_size: int | None = None,
@@ -299,8 +299,8 @@ def test(
     and ``roc_curve.png``.
 
     Args:
-        num_samples: perception passes for the uncertainty map (None: the model's setting); with 0 the
-            uncertainty is zero and ``uncertainty_error_auroc`` is NaN.
+        num_samples: perception passes for the uncertainty map (default None: the model's setting); 0 is
+            faster (map and score only) but the uncertainty is then zero and ``uncertainty_error_auroc`` NaN.
         image_threshold: image threshold for ``normal_fpr`` / ``anomalous_tpr``; defaults to the checkpoint's
             stored ``postprocessing["image_threshold"]`` (none when a model is given: the rates are NaN).
 
