@@ -400,8 +400,6 @@ def uncertainty_error_auroc(anomaly_maps: MapsLike, uncertainty_maps: MapsLike, 
     del pixel_scores
     uncertainty, _ = _flatten_pixels(uncertainty_maps, masks, "uncertainty maps")
     num_wrong = int(np.count_nonzero(wrong))
-    if uncertainty.size != wrong.size:
-        raise ValueError(f"got {uncertainty.size} uncertainty pixels but {wrong.size} anomaly-map pixels.")
     if num_wrong in (0, wrong.size) or uncertainty.min() == uncertainty.max():
         return math.nan
     return _auroc_from_arrays(uncertainty, wrong)
