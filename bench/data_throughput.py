@@ -149,7 +149,7 @@ def main(argv=None) -> int:
         if args.device_resize:
             size = (args.image_size, args.image_size)
 
-            def on_batch(batch):
+            def on_batch(batch, size=size):
                 x = batch["image"].to(device, non_blocking=True).float().div_(255.0)
                 F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
                 if device.type == "cuda":

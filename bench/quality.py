@@ -33,6 +33,7 @@ from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_sco
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
+from ura_monai.utils.enums import AugmentView, Backbone, Layout, ScoreMode
 
 METRIC_KEYS = (
     "image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_ap", "pixel_f1_max", "uncertainty_error_auroc", "normal_fpr", "anomalous_tpr",
@@ -148,7 +149,7 @@ def run_model(train_items, test_items, masks, args, model_kwargs: dict, tag: str
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layout", required=True, choices=["mvtec", "btad", "oct2017", "folder"])
+    parser.add_argument("--layout", required=True, choices=Layout.choices())
     parser.add_argument("--root", required=True)
     parser.add_argument("--category", default=None)
     parser.add_argument("--num-train-normal", type=int, default=None, help="oct2017 flat root: NORMAL images used for training")
@@ -156,9 +157,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--augment", default="none", choices=["none", "hflip", "dihedral"])
-    parser.add_argument("--backbone", default="efficientnet_lite0")
-    parser.add_argument("--score-mode", default="max")
+    parser.add_argument("--augment", default="none", choices=AugmentView.choices())
+    parser.add_argument("--backbone", default="efficientnet_lite0", choices=Backbone.choices())
+    parser.add_argument("--score-mode", default="max", choices=ScoreMode.choices())
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also run with each of FASM, UIAPM, RAM switched off")

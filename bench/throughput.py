@@ -38,11 +38,12 @@ from collections.abc import Callable
 
 import torch
 
-from ura_monai.inference.fast import ATTENTION_MODES, FastURANet
+from ura_monai.inference.fast import FastURANet
 from ura_monai.losses.ura_loss import URANetLoss
 from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.utils.enums import AttentionMode, MapSource, Precision
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {Precision.FP32.value: None, Precision.BF16.value: torch.bfloat16, Precision.FP16.value: torch.float16}
 SWEEP = {"cpu": {"sizes": (256, 512), "batches": (1, 16)}, "cuda": {"sizes": (256, 512), "batches": (1, 64, 256)}}
 # memory per training image ~ heads x N x (N + K) attention logits x ~6 float32 copies (logits, softmax, grads)
 TRAIN_BUDGET_BYTES = {"cpu": 4 << 30, "cuda": 48 << 30}
@@ -319,7 +320,7 @@ def profile_stages(args, device: torch.device) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     from ura_monai.inference.fast import StageTimer
-    from ura_monai.networks.blocks.feature_extractor import _LITE0_STAGE_OF_LEVEL
+    from ura_monai.networks.blocks.feature_extractor import LITE0_STAGE_OF_LEVEL
 
     model = build_model(args, args.image_size, device)
     fast = fast_path(model, args)
@@ -337,7 +338,7 @@ def profile_stages(args, device: torch.device) -> dict:
     # the CNN inside the extractor: from its input to the deepest level used (the rest of "features" is the
     # pooling / resizing / concatenation of the levels)
     if fe.backbone_name == "efficientnet_lite0":
-        hook_span("backbone_cnn", fe.net._conv_stem, fe.net._blocks[max(_LITE0_STAGE_OF_LEVEL[lv] for lv in fe.levels)])
+        hook_span("backbone_cnn", fe.net._conv_stem, fe.net._blocks[max(LITE0_STAGE_OF_LEVEL[lv] for lv in fe.levels)])
 
     def reference_run():
         with torch.inference_mode():
@@ -355,7 +356,7 @@ def profile_stages(args, device: torch.device) -> dict:
         if path == "reference" and model.ram is not None and hasattr(model.ram, "prototype_distance"):
             method = model.ram.prototype_distance
 
-            def timed_distance(*a, **k):
+            def timed_distance(*a, method=method, **k):
                 with timer.span("prototype_distance"):
                     return method(*a, **k)
 
@@ -462,8 +463,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile the fast path and the backbone-alone run")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune, reduce-overhead)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the fast path as a CUDA graph per input shape")
-    p.add_argument("--attention", default="auto", choices=ATTENTION_MODES)
-    p.add_argument("--map-source", default=None, help="URANet anomaly_map_source (default: the model's default)")
+    p.add_argument("--attention", default="auto", choices=AttentionMode.choices())
+    p.add_argument("--map-source", default=None, choices=MapSource.choices(), help="URANet anomaly_map_source (default: the model's default)")
     p.add_argument("--uncertainty-samples", type=int, default=0, help="stochastic perception passes (0: none, the fast path)")
     p.add_argument("--warmup", type=int, default=None, help="default: 1 on the CPU, 3 on the GPU")
     p.add_argument("--repeats", type=int, default=None, help="default: 3 on the CPU, 10 on the GPU")

@@ -44,7 +44,8 @@ from ura_monai.data.dicom import (
 )
 from ura_monai.inference.dicom_inference import predict_dicom_folder
 from ura_monai.inference.dicom_writers import highdicom_available
-from ura_monai.inference.io import atomic_path, atomic_write_text
+from ura_monai.utils.fileio import atomic_path, atomic_write_text
+from ura_monai.utils.paths import OUTPUT_MARKER_NAME
 
 PATIENT_NAME = "Doe^Jane"
 PATIENT_ID = "PID-98765"
@@ -517,8 +518,8 @@ def test_results_csv_rows_and_error_row(dicom_folder, folder_run):
     assert row_a["decision"] in {"normal", "anomalous"} and len(row_a["top_slices"].split(";")) == 3
     assert len(folder_run["rows"]) == len(rows)
     assert folder_run["predictor"].largest_batch == 4
-    leftovers = [p.name for p in folder_run["output"].iterdir() if p.name.startswith(".")]
-    assert not leftovers  # no staging folders or temporary files left
+    leftovers = [p.name for p in folder_run["output"].iterdir() if p.name.startswith(".") and p.name != OUTPUT_MARKER_NAME]
+    assert not leftovers  # no staging folders or temporary files left (only the output-folder marker)
 
 
 def test_nifti_output_has_source_geometry(dicom_folder, folder_run):

@@ -12,7 +12,14 @@ from monai.data import MetaTensor
 from PIL import Image
 
 from ura_monai.inference import writers
-from ura_monai.inference.writers import output_path_for, save_array, save_map_figure, save_png, save_roc_curve_png, write_csv
+from ura_monai.inference.writers import (
+    output_path_for,
+    save_array,
+    save_map_figure,
+    save_png,
+    save_roc_curve_png,
+    write_csv,
+)
 from ura_monai.transforms import (
     NormalizeAnomalyScore,
     NormalizeAnomalyScored,

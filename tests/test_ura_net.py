@@ -22,7 +22,7 @@ from ura_monai.networks.blocks.fasm import FeatureAnomalySynthesis, sample_regio
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
-from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
+from ura_monai.networks.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 
 LEVEL_CHANNELS = (24, 40, 112)
@@ -510,8 +510,9 @@ def test_checkpoint_round_trip(tmp_path):
     path = save_checkpoint(tmp_path / "model.pt", model, {"image_threshold": 0.25}, {"note": "test"})
     raw = torch.load(path, map_location="cpu", weights_only=True)  # plain tensors, numbers and strings only
     # the frozen backbone is not stored; its level scale (a statistic of the training data) is
-    assert [k for k in raw["state_dict"] if k.startswith("feature_extractor.")] == ["feature_extractor.level_scale"]
-    assert not torch.allclose(raw["state_dict"]["feature_extractor.level_scale"], torch.ones(()))
+    assert [k for k in raw if k.startswith("network.feature_extractor.")] == ["network.feature_extractor.level_scale"]
+    assert not torch.allclose(raw["network.feature_extractor.level_scale"], torch.ones(()))
+    assert raw["image_threshold"].item() == 0.25 and math.isnan(raw["pixel_threshold"].item())  # statistics as tensors
     loaded, checkpoint = load_checkpoint(path)
     assert not loaded.training
     assert checkpoint["postprocessing"] == {"image_threshold": 0.25} and checkpoint["extra"] == {"note": "test"}
@@ -543,8 +544,8 @@ def test_checkpoint_without_level_scale_loads_with_raw_levels(tmp_path):
     model.fit_normal_statistics(model.feature_extractor(brick_images(2, 64)))
     path = save_checkpoint(tmp_path / "model.pt", model, {}, {})
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    del raw["state_dict"]["feature_extractor.level_scale"]
-    del raw["config"]["equalize_levels"]
+    del raw["network.feature_extractor.level_scale"]
+    del raw["_extra_state"]["config"]["equalize_levels"]
     torch.save(raw, path)
     loaded, _ = load_checkpoint(path)
     assert torch.equal(loaded.feature_extractor.level_scale, torch.ones(loaded.feature_extractor.out_channels))
@@ -557,6 +558,35 @@ def test_checkpoint_errors(tmp_path):
     torch.save({"format": "something/else"}, other)
     with pytest.raises(ValueError, match="not a URA-Net checkpoint"):
         load_checkpoint(other)
+
+
+def test_first_format_checkpoints_still_load(tmp_path):
+    # the format written before checkpoints became the export wrapper's state dict (ura_monai.uranet/1)
+    from ura_monai.networks.nets.export import URANetExport
+
+    model = URANet(image_size=64, **SMALL).eval()
+    model.fit_normal_statistics(model.feature_extractor(brick_images(2, 64)))
+    old = {
+        "format": "ura_monai.uranet/1",
+        "config": model.config,
+        "state_dict": {k: v.clone() for k, v in model.trainable_state_dict().items()},
+        "postprocessing": {"image_threshold": 0.5, "pixel_max": 2.0},
+        "extra": {"epoch": 3},
+    }
+    torch.save(old, tmp_path / "old.pt")
+    loaded, checkpoint = load_checkpoint(tmp_path / "old.pt")
+    assert checkpoint["format"] == "ura_monai.uranet/1" and checkpoint["extra"] == {"epoch": 3}
+    assert checkpoint["postprocessing"] == {"image_threshold": 0.5, "pixel_max": 2.0}
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    wrapper = URANetExport(URANet(image_size=64, **SMALL), num_samples=0)
+    wrapper.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    assert torch.equal(wrapper.network.ram.prototypes, model.ram.prototypes)
+    assert float(wrapper.image_threshold) == 0.5 and float(wrapper.pixel_max) == 2.0 and math.isnan(float(wrapper.image_min))
+    # re-saved in the current format, the same model and statistics
+    save_checkpoint(tmp_path / "new.pt", loaded, checkpoint["postprocessing"], checkpoint["extra"])
+    again = read_checkpoint(tmp_path / "new.pt")
+    assert again["postprocessing"] == checkpoint["postprocessing"] and again["config"] == model.config
 
 
 # ---------------------------------------------------------------------------------------------- workflow
@@ -573,8 +603,8 @@ def test_fit_is_deterministic(small_demo, tmp_path):
     kwargs = {"image_size": 64, "epochs": 2, "batch_size": 4, "seed": 3, "progress": False, "model_kwargs": SMALL}
     first = fit(train_items, tmp_path / "a", **kwargs)
     second = fit(train_items, tmp_path / "b", **kwargs)
-    a = torch.load(first["checkpoint"], weights_only=True)
-    b = torch.load(second["checkpoint"], weights_only=True)
+    a = read_checkpoint(first["checkpoint"])
+    b = read_checkpoint(second["checkpoint"])
     assert a["state_dict"].keys() == b["state_dict"].keys()
     for key in a["state_dict"]:
         assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
@@ -582,7 +612,7 @@ def test_fit_is_deterministic(small_demo, tmp_path):
     assert first["losses"] == second["losses"]
     # a different seed gives a different model (the comparison above is not vacuous)
     third = fit(train_items, tmp_path / "c", **{**kwargs, "seed": 4, "epochs": 1})
-    c = torch.load(third["checkpoint"], weights_only=True)
+    c = read_checkpoint(third["checkpoint"])
     assert not all(torch.equal(a["state_dict"][k], c["state_dict"][k]) for k in a["state_dict"])
 
 
@@ -601,9 +631,8 @@ def test_fit_resumes_from_the_last_epoch(small_demo, tmp_path, monkeypatch):
     assert sorted(set(iterations)) == [1, 2]
     per_epoch = len(iterations) // 2
     assert per_epoch >= 1 and len(iterations) == 2 * per_epoch
-    states = sorted(p.name for p in (tmp_path / "train_state").glob("train_checkpoint_*.pt"))
-    assert len(states) == 1
-    saved = torch.load(tmp_path / "train_state" / states[0], weights_only=True)
+    assert sorted(p.name for p in (tmp_path / "train_state").iterdir()) == ["train_state.pt"]
+    saved = torch.load(tmp_path / "train_state" / "train_state.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 2 * per_epoch  # ignite keeps the iteration; epoch = iteration / length
     assert saved["trainer"]["epoch_length"] == per_epoch
 
@@ -611,10 +640,8 @@ def test_fit_resumes_from_the_last_epoch(small_demo, tmp_path, monkeypatch):
     result = fit(train_items, tmp_path, epochs=3, resume=True, **kwargs)
     # only the third epoch ran
     assert iterations == [3] * per_epoch
-    # the newest state (files are named by iteration; the first run's file is left beside it)
-    newest = max((tmp_path / "train_state").glob("train_checkpoint_*.pt"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    assert newest.name == f"train_checkpoint_{3 * per_epoch}.pt"
-    saved = torch.load(newest, weights_only=True)
+    # one state file, replaced atomically after every epoch
+    saved = torch.load(tmp_path / "train_state" / "train_state.pt", weights_only=True)
     assert saved["trainer"]["iteration"] == 3 * per_epoch and saved["trainer"]["max_epochs"] == 3
     assert (tmp_path / "model.pt").is_file() and result["checkpoint"] == str(tmp_path / "model.pt")
 

@@ -13,10 +13,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import IMAGE_SIZE, VOLUME_AFFINE, VOLUME_SHAPE, make_app_dir
-from PIL import Image
-
 from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance, clear_cache
+from PIL import Image
 
 TRAIN_REQUEST = {"model": "ura_net", "max_epochs": 1, "image_size": IMAGE_SIZE, "train_batch_size": 4, "device": "cpu"}
 

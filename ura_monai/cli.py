@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import re
 import sys
 import time
 import warnings
@@ -26,20 +25,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ura_monai.utils.enums import AugmentView, Backbone, Layout, MapSource, ScoreMode, VolumeAggregation
+
 __all__ = ["main", "build_parser", "CLIError"]
 
 logger = logging.getLogger("ura_monai")
 
 PROG = "ura-monai"
-LAYOUTS = ("mvtec", "btad", "oct2017", "folder")
-BACKBONES = ("efficientnet_lite0", "wide_resnet50_2")
-AUGMENTATIONS = ("none", "hflip", "dihedral")
-SCORE_MODES = ("max", "topk_mean", "std", "mean")
-MAP_SOURCES = ("prototype", "restoration", "restored", "perception")
 MAP_FIGURES = 8  # figures written by `test`: the most anomalous images and a few normal ones
 MAP_FIGURES_NORMAL = 3
-# folder clutter that is neither an input nor worth an error row
-_IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+OVERWRITE_HELP = ("replace the previous ura-monai run in OUTPUT (without it a non-empty OUTPUT is refused; "
+                  "a folder ura-monai did not write is never replaced)")
 
 
 class CLIError(Exception):
@@ -100,22 +96,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=_image_size, default=256, help="square input size, a multiple of 32 (default 256)")
     p.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
-    p.add_argument("--backbone", choices=BACKBONES, default="efficientnet_lite0", help="frozen feature extractor (default efficientnet_lite0, offline)")
+    p.add_argument("--backbone", choices=Backbone.choices(), default="efficientnet_lite0", help="frozen feature extractor (default efficientnet_lite0, offline)")
     p.add_argument("--backbone-weights", metavar="FILE", help="local state-dict file of the backbone's ImageNet weights")
-    p.add_argument("--augment", choices=AUGMENTATIONS, default="none", help="training views: none, hflip, or dihedral (flips and rotations)")
+    p.add_argument("--augment", choices=AugmentView.choices(), default="none", help="training views: none, hflip, or dihedral (flips and rotations)")
     p.add_argument("--no-fasm", action="store_true", help="ablation: no feature-level anomaly synthesis")
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
-    p.add_argument("--score-mode", choices=SCORE_MODES, default="max", help="image score from the anomaly map (default max)")
-    p.add_argument("--map-source", choices=MAP_SOURCES, default="prototype",
+    p.add_argument("--score-mode", choices=ScoreMode.choices(), default="max", help="image score from the anomaly map (default max)")
+    p.add_argument("--map-source", choices=MapSource.choices(), default="prototype",
                    help="anomaly map: residual to the nearest prototype (default, fastest) or to the RAM's attention "
                         "restoration (best localization after a full schedule, about 3x slower on CPU); see docs/benchmarks.md")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/train_state when present")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the fit run in OUTPUT from its last complete epoch (same settings required)")
     p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding workers (default 0)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for model.pt, train_state/ and runs/")
+    p.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for model.pt, train_state/ and runs/")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_fit)
 
     # ---- test
@@ -129,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
                    help="perception passes for the uncertainty map: metrics.json's uncertainty_error_auroc and the "
                         "figures' uncertainty panel (default: the checkpoint's; 0: none, the metric is then NaN)")
-    p.add_argument("--output", required=True, metavar="DIR", help="folder for the metrics and figures")
+    p.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for the metrics and figures (not inside ROOT)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_test)
 
     # ---- predict
@@ -139,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "and scores.csv for the run. Unreadable files get an error row and are skipped.")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
     p.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="an image file or a folder of images")
-    p.add_argument("--output", required=True, metavar="DIR", help="output folder (not inside an input folder)")
+    p.add_argument("--output", required=True, metavar="DIR", help="new or empty output folder (not an input folder)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
     p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
@@ -154,11 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "dicom extra), report.json; and OUTPUT/results.csv with one row per series and skipped file.")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
     p.add_argument("--input", required=True, metavar="DIR", help="DICOM folder (searched recursively)")
-    p.add_argument("--output", required=True, metavar="DIR", help="new output folder (not inside the input folder)")
+    p.add_argument("--output", required=True, metavar="DIR", help="new or empty output folder (not inside the input folder)")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per batch (default 16)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slicing axis of the volume (default 0: the acquired slices / B-scans)")
-    p.add_argument("--aggregation", choices=("max", "mean", "topk_mean"), default="max", help="volume score from slice scores (default max)")
+    p.add_argument("--aggregation", choices=VolumeAggregation.choices(), default="max", help="volume score from slice scores (default max)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="most anomalous slices listed per series (default 5)")
     p.add_argument("--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)")
     p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
@@ -168,8 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- demo
     p = sub.add_parser("demo", parents=[common], help="synthetic dataset -> fit -> test -> predict, in about a minute",
                        description="End-to-end example: writes a small synthetic MVTec-like dataset to OUTPUT/data, trains "
-                       "(OUTPUT/model), evaluates (OUTPUT/test) and predicts the test images (OUTPUT/predictions).")
-    p.add_argument("--output", default="ura_monai_demo", metavar="DIR", help="output folder (default ./ura_monai_demo)")
+                       "(OUTPUT/model), evaluates (OUTPUT/test) and predicts the test images (OUTPUT/predictions). "
+                       "A rerun replaces the previous demo in OUTPUT.")
+    p.add_argument("--output", default="ura_monai_demo", metavar="DIR",
+                   help="new, empty or earlier demo output folder (default ./ura_monai_demo)")
     p.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
     p.add_argument("--image-size", type=_image_size, default=128, help="image and model size (default 128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -179,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--layout", required=True, choices=LAYOUTS, help="dataset folder layout")
+    p.add_argument("--layout", required=True, choices=Layout.choices(), help="dataset folder layout")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root folder")
     p.add_argument("--category", metavar="NAME", help="category / product sub-folder of ROOT (mvtec, btad, folder)")
     p.add_argument("--num-train-normal", type=_positive_int, metavar="N",
@@ -234,28 +237,31 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def _list_input_files(folder: Path) -> list[Path]:
-    """Every regular file under ``folder`` (recursive, sorted), without hidden files / folders and OS clutter.
+    """Every file under ``folder`` to predict (recursive, sorted), without hidden files / folders and OS clutter.
 
     Non-image files are kept: :meth:`URANetPredictor.predict_files` gives them an error row, so that the
-    table says what was not predicted and why.
+    table says what was not predicted and why. So are FIFOs, devices, dangling links and link loops (their row
+    says which; they are never opened); an unreadable sub-folder gets a warning.
     """
-    files = []
-    for path in sorted(folder.rglob("*")):
-        relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or path.name.lower() in _IGNORED_NAMES:
-            continue
-        if path.is_file():
-            files.append(path)
-    return files
+    from ura_monai.utils.paths import list_input_files
+
+    skipped: list[tuple[str, str]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # reported below: as rows of scores.csv, or as one warning per folder
+        files = list_input_files(folder, skipped=skipped)
+    for path, reason in skipped:
+        if reason.startswith("unreadable folder"):
+            logger.warning("skipping %s: %s", path, reason)
+        else:
+            files.append(Path(path))
+    return sorted(files)
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "image"
+    from ura_monai.utils.paths import safe_name
+
+    return safe_name(text, fallback="image")
 
 
 # --------------------------------------------------------------------------- shared steps
@@ -268,7 +274,7 @@ def _evaluate(predictor: Any, items: list[dict[str, Any]], output_dir: Path, bat
 
     result = test(predictor.model, items, output_dir, batch_size=batch_size, device=device, num_workers=num_workers,
                   num_samples=predictor.num_samples, progress=progress, image_size=predictor.image_size,
-                  image_threshold=predictor.image_threshold)
+                  image_threshold=predictor.image_threshold, channels=predictor.channels)
     per_image = result.pop("per_image")
     figures = _save_map_figures(predictor, per_image, output_dir / "maps")
     logger.info("wrote %s, per_image.csv, roc_curve.png and %d map figures under %s", output_dir / "metrics.json", len(figures), output_dir)
@@ -338,7 +344,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         if not weights.is_file():
             raise CLIError(f"backbone weights file not found: {weights}")
         model_kwargs["backbone_weights"] = str(weights)
+    from ura_monai.utils.paths import claim_output_dir
+
     items = _datalist(args, "train")
+    claim_output_dir(args.output, "fit", overwrite=args.overwrite, inputs=[args.root], resume=args.resume)
     result = fit(
         items, args.output, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         augment=args.augment, seed=args.seed, device=device, num_workers=args.num_workers,
@@ -351,10 +360,13 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 def _cmd_test(args: argparse.Namespace) -> int:
     from ura_monai.inference.predictor import URANetPredictor
+    from ura_monai.utils.paths import claim_output_dir
 
     device = _device(args.device)
     predictor = URANetPredictor(args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size)
     items = _datalist(args, "test")
+    # not inside the dataset: the next run would score its own figures as test images
+    claim_output_dir(args.output, "test", overwrite=args.overwrite, inputs=[args.root])
     metrics = _evaluate(predictor, items, Path(args.output), args.batch_size, device, args.num_workers, not args.no_progress)
     print(json.dumps(_json_safe(metrics), indent=2))
     return 0
@@ -369,13 +381,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     output = Path(args.output).expanduser()
     if not source.exists():
         raise CLIError(f"input not found: {source}")
+    if not source.is_dir() and not source.is_file():
+        from ura_monai.utils.paths import special_file_reason
+
+        raise CLIError(f"input {source} is {special_file_reason(source) or 'not a file or folder'}")
     if source.is_dir():
-        # outputs inside the input folder would be read as inputs by the next run
-        if _is_within(output.resolve(), source.resolve()):
-            raise CLIError(
-                f"output folder {output} is inside the input folder {source}; choose an output folder outside it "
-                "(a later run would read the outputs as inputs)"
-            )
         files = _list_input_files(source)
         if not files:
             raise CLIError(f"no files found in input folder {source}")
@@ -386,7 +396,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         files, input_root = [source], None
     predictor = URANetPredictor(args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size)
     logger.info("predicting %d file(s) from %s into %s", len(files), source, output)
-    rows = predictor.predict_files(files, output, input_root=input_root, progress=not args.no_progress)
+    rows = predictor.predict_files(files, output, input_root=input_root, progress=not args.no_progress, overwrite=args.overwrite)
     predicted, anomalous, failed = _summarize_predictions(rows)
     csv_path = output / SCORES_CSV_NAME
     if predicted == 0:
@@ -406,7 +416,7 @@ def _cmd_predict_dicom(args: argparse.Namespace) -> int:
     rows = predict_dicom_folder(
         source, Path(args.output).expanduser(), predictor, axis=args.axis, batch_size=args.batch_size,
         volume_aggregation=args.aggregation, top_k=args.top_k, write_dicom=not args.no_dicom_output,
-        progress=not args.no_progress,
+        progress=not args.no_progress, overwrite=args.overwrite,
     )
     series = [r for r in rows if r.get("status") == "ok"]
     print(f"{len(series)} series analysed, {len(rows) - len(series)} other row(s) (errors, skipped files); "
@@ -423,6 +433,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     device = _device(args.device)
     progress = not args.no_progress
     output = Path(args.output).expanduser()
+    from ura_monai.utils.paths import claim_output_dir
+
+    # the demo owns its folder: a rerun replaces the previous demo there (any other non-empty folder is refused)
+    claim_output_dir(output, "demo", replace_own=True)
     data_root = output / "data"
     logger.info("writing the synthetic demo dataset to %s", data_root)
     category_dir = make_demo_dataset(data_root, image_size=args.image_size, seed=args.seed)
@@ -470,6 +484,13 @@ def _log_warning(message: Any, category: type[Warning], filename: str, lineno: i
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """The error behind MONAI's ``RuntimeError: applying transform <object at 0x...>`` wrappers."""
+    while isinstance(err, RuntimeError) and str(err).startswith("applying transform") and err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
 def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) if str(err) else type(err).__name__
     if isinstance(err, KeyError):  # str(KeyError) is the bare quoted key
@@ -500,14 +521,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"{PROG}: interrupted", file=sys.stderr)
             return 130
-        except (CLIError, OSError, ValueError, ImportError) as err:
-            # FileNotFoundError / PermissionError are OSErrors: missing folders, bad checkpoints, unreadable data
-            if args.debug:
-                raise
-            print(f"{PROG}: error: {_one_line(err)}", file=sys.stderr)
-            return 2
         except Exception as err:  # noqa: BLE001 - a bug or a runtime failure: still one line unless --debug
             if args.debug:
                 raise
-            print(f"{PROG}: error: {type(err).__name__}: {_one_line(err)} (run with --debug for the traceback)", file=sys.stderr)
+            cause = _root_cause(err)
+            # FileNotFoundError / PermissionError are OSErrors: missing folders, bad checkpoints, unreadable data
+            if isinstance(cause, (CLIError, OSError, ValueError, ImportError)):
+                print(f"{PROG}: error: {_one_line(cause)}", file=sys.stderr)
+                return 2
+            print(f"{PROG}: error: {type(cause).__name__}: {_one_line(cause)} (run with --debug for the traceback)", file=sys.stderr)
             return 1

@@ -10,7 +10,6 @@ The logic lives in :mod:`ura_monai.label`; this file only wires it into MONAI La
 
 import logging
 import os
-from typing import Dict
 
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -46,11 +45,11 @@ class URANetApp(MONAILabelApp):
             return super().init_datastore()
         return init_local_datastore(self.studies)
 
-    def init_infers(self) -> Dict[str, InferTask]:
+    def init_infers(self) -> dict[str, InferTask]:
         return {name: config.infer() for name, config in self.models.items()}
 
-    def init_trainers(self) -> Dict[str, TrainTask]:
+    def init_trainers(self) -> dict[str, TrainTask]:
         return {name: config.trainer() for name, config in self.models.items()}
 
-    def init_strategies(self) -> Dict[str, Strategy]:
+    def init_strategies(self) -> dict[str, Strategy]:
         return {"random": Random(), "first": First()}

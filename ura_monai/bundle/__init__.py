@@ -3,8 +3,10 @@
 - :mod:`.checks`: validation run in ``initialize`` (preset keys, ``dataset_dir``, ``category``, checkpoints,
   inference inputs), so that bad input fails before any work starts, naming the key or path;
 - :mod:`.data`: training / validation / threshold splits, the test split, inference inputs;
-- :mod:`.training`: the cached-feature dataset (and prototype initialisation), the trainer, the LR schedule,
-  rank helpers.
+- :mod:`.errors`: uncaught input errors of ``python -m monai.bundle`` as one line;
+- :mod:`.training`: the cached-feature dataset (and prototype initialisation), the trainer, the LR schedule.
+
+Rank helpers (``is_rank0``) and ``unwrap`` live in :mod:`ura_monai.utils.distributed`.
 
 Handlers live in :mod:`ura_monai.handlers`, metrics in :mod:`ura_monai.metrics.validation`, the export wrapper in
 :mod:`ura_monai.networks.nets.export`.
@@ -23,7 +25,8 @@ from .checks import (
     check_training_config,
 )
 from .data import list_input_files, oct_abnormal_validation, test_datalist, training_splits
-from .training import CosineDecay, FeatureCacheDataset, URANetBundleTrainer, is_rank0, rank, unwrap
+from .errors import install_excepthook
+from .training import CosineDecay, FeatureCacheDataset, URANetBundleTrainer
 
 __all__ = [
     "INPUT_TYPES",
@@ -39,11 +42,11 @@ __all__ = [
     "check_inference_config",
     "check_preset",
     "check_training_config",
-    "is_rank0",
     "list_input_files",
     "oct_abnormal_validation",
-    "rank",
     "test_datalist",
     "training_splits",
-    "unwrap",
 ]
+
+# the bundle's command line: an input error is one line, not a traceback through MONAI's config parser
+install_excepthook()

@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ura_monai.engines.features import AUGMENTATIONS
+from ura_monai.utils.enums import AugmentView, InputType, Layout
+from ura_monai.utils.paths import OutputFolderError, check_output_dir, is_within
 
 __all__ = [
     "LAYOUTS",
@@ -26,8 +27,8 @@ __all__ = [
     "check_inference_config",
 ]
 
-LAYOUTS = ("oct2017", "mvtec", "btad", "folder")
-INPUT_TYPES = ("images", "dicom")
+LAYOUTS = Layout.choices()
+INPUT_TYPES = InputType.choices()
 
 # the keys a preset may set, with the bundle's (OCT-2017) values; see configs/*.json at the repository root
 PRESET_DEFAULTS: dict[str, Any] = {
@@ -70,8 +71,8 @@ def check_preset(preset: Mapping[str, Any] | None) -> dict[str, Any]:
     out = {**PRESET_DEFAULTS, **preset}
     if out["layout"] not in LAYOUTS:
         raise ValueError(f"preset#layout must be one of {LAYOUTS}, got {out['layout']!r}")
-    if out["augment"] not in AUGMENTATIONS:
-        raise ValueError(f"preset#augment must be one of {AUGMENTATIONS}, got {out['augment']!r}")
+    if out["augment"] not in AugmentView.choices():
+        raise ValueError(f"preset#augment must be one of {AugmentView.choices()}, got {out['augment']!r}")
     if out["channels"] not in (None, 1, 3):
         raise ValueError(f"preset#channels must be null, 1 or 3, got {out['channels']!r}")
     fraction = out["val_fraction"]
@@ -142,15 +143,20 @@ def check_evaluation_config(preset: Mapping[str, Any] | None, dataset_dir: Any, 
     return checked
 
 
-def check_inference_config(input_dir: Any, input_type: Any, ckpt_path: Any, output_dir: Any = None) -> dict[str, Any]:
+def check_inference_config(input_dir: Any, input_type: Any, ckpt_path: Any, output_dir: Any = None, overwrite: Any = False) -> dict[str, Any]:
     """``inference.json``'s inputs: an existing ``input_dir``, a known ``input_type``, an existing checkpoint, and an
-    ``output_dir`` outside ``input_dir``."""
+    ``output_dir`` outside ``input_dir`` that the output-folder rule allows (new or empty, or a previous run's with
+    ``--overwrite true``; see ``docs/robustness.md``). Nothing is written."""
     if input_type not in INPUT_TYPES:
         raise ValueError(f"input_type must be one of {INPUT_TYPES}, got {input_type!r}")
     root = check_dataset_dir(input_dir, key="input_dir")
     checkpoint = check_checkpoint(ckpt_path)
     if not _unset(output_dir):
         out = Path(os.path.expanduser(str(output_dir))).resolve()
-        if out == root.resolve() or root.resolve() in out.parents:
+        if is_within(out, root):
             raise ValueError(f"output_dir {out} is inside input_dir {root}: pass --output_dir <a folder outside it>")
+        try:
+            check_output_dir(out, "predict" if input_type == "images" else "predict-dicom", overwrite=bool(overwrite), inputs=[root])
+        except OutputFolderError as err:
+            raise OutputFolderError(f"output_dir: {str(err).replace('--overwrite', '--overwrite true')}") from None
     return {"input_dir": root, "input_type": input_type, "ckpt_path": checkpoint}

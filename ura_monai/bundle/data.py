@@ -11,13 +11,11 @@ import torch
 
 from ura_monai.data import build_datalist, folder_datalist, verify_image_file
 from ura_monai.engines.workflow import split_normal_validation
+from ura_monai.utils.paths import list_input_files as safe_list_input_files
 
 __all__ = ["training_splits", "test_datalist", "list_input_files", "oct_abnormal_validation"]
 
 logger = logging.getLogger("ura_monai")
-
-_IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
-
 
 def _layout_kwargs(layout: str, num_train_normal: int | None) -> dict[str, Any]:
     return {"num_train_normal": num_train_normal} if layout == "oct2017" and num_train_normal is not None else {}
@@ -45,7 +43,7 @@ def oct_abnormal_validation(dataset_dir: str | os.PathLike, per_class: int, seed
             candidates = folder_datalist(folder, split="train", category="oct2017", verify=False)
         except ValueError:  # a class folder without images
             continue
-        chosen = []
+        chosen: list[dict[str, Any]] = []
         for index in torch.randperm(len(candidates), generator=generator).tolist():
             if len(chosen) == per_class:
                 break
@@ -108,19 +106,19 @@ def test_datalist(layout: str, dataset_dir: str | os.PathLike, category: str | N
 
 
 def list_input_files(input_dir: str | os.PathLike) -> list[str]:
-    """Every file under ``input_dir`` (recursive, sorted), without hidden files and folders or OS clutter.
+    """Every file under ``input_dir`` (recursive, sorted), without hidden files and folders or OS clutter
+    (:func:`ura_monai.utils.paths.list_input_files`).
 
     Files that are not images are kept: :meth:`ura_monai.inference.predictor.URANetPredictor.predict_files` gives
     them an error row in ``scores.csv``, so the table says what was not predicted and why.
     """
     root = Path(input_dir).expanduser()
-    files = []
-    for path in sorted(root.rglob("*")):
-        relative = path.relative_to(root)
-        if any(part.startswith(".") for part in relative.parts) or path.name.lower() in _IGNORED_NAMES:
-            continue
-        if path.is_file():
-            files.append(str(path))
+    # FIFOs, devices, dangling links and link loops are listed too: predict_files gives them an error row naming
+    # the problem without opening them; unreadable sub-folders are warned about by list_input_files
+    skipped: list[tuple[str, str]] = []
+    paths = safe_list_input_files(root, skipped=skipped)
+    paths += [Path(p) for p, reason in skipped if not reason.startswith("unreadable folder")]
+    files = [str(p) for p in sorted(paths)]
     if not files:
         raise ValueError(f"input_dir {root} holds no files")
     return files

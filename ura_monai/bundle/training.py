@@ -1,4 +1,4 @@
-"""Training pieces a bundle config instantiates: the cached-feature dataset, the LR schedule, rank helpers."""
+"""Training pieces a bundle config instantiates: the cached-feature dataset, the LR schedule."""
 
 from __future__ import annotations
 
@@ -13,27 +13,11 @@ from monai.data import DataLoader, Dataset
 from ura_monai.data import anomaly_transforms
 from ura_monai.engines.features import extract_feature_bank
 from ura_monai.engines.trainer import URANetTrainer
+from ura_monai.utils.distributed import unwrap
 
-__all__ = ["FeatureCacheDataset", "CosineDecay", "URANetBundleTrainer", "is_rank0", "rank", "unwrap"]
+__all__ = ["FeatureCacheDataset", "CosineDecay", "URANetBundleTrainer"]
 
 logger = logging.getLogger("ura_monai")
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a ``DistributedDataParallel`` / ``DataParallel`` wrapper (or the network itself)."""
-    return getattr(network, "module", network)
-
-
-def rank() -> int:
-    """This process's rank (0 when not distributed)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
-
-
-def is_rank0() -> bool:
-    """Whether this process writes files (rank 0, or not distributed)."""
-    return rank() == 0
 
 
 def _broadcast_(tensor: torch.Tensor) -> None:
@@ -98,7 +82,7 @@ class FeatureCacheDataset(torch.utils.data.Dataset):
     ) -> None:
         if not data:
             raise ValueError("no training images to cache features of")
-        model = unwrap(network)
+        model: Any = unwrap(network)
         loader = DataLoader(
             Dataset(list(data), transform=anomaly_transforms(image_size, augment=False, channels=channels)),
             batch_size=batch_size,

@@ -36,6 +36,9 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ura_monai.data.transforms import stored_size, image_size_reason
+from ura_monai.utils.paths import SkippedFileWarning, is_ignored_name, list_input_files, special_file_reason
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MASK_EXTENSIONS",
@@ -54,14 +57,8 @@ PathLike = str | Path
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MASK_EXTENSIONS: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-# folder clutter left by file managers; never worth a warning
-_IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 _OCT_CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
-
-
-class SkippedFileWarning(UserWarning):
-    """Warned once per file that a datalist builder skips (not an image, or unreadable)."""
 
 
 # --------------------------------------------------------------------------- file checks
@@ -80,9 +77,15 @@ def verify_image_file(path: PathLike) -> str | None:
         None when the file is a readable image, else a short reason why not.
     """
     path = Path(path)
+    special = special_file_reason(path)
+    if special is not None:  # checked before any open: a FIFO would block the reader forever
+        return special
     bad_extension = _extension_reason(path)
     if bad_extension is not None:
         return bad_extension
+    too_large = image_size_reason(path)
+    if too_large is not None:
+        return too_large
     try:
         if path.stat().st_size == 0:
             return "empty file"
@@ -120,15 +123,22 @@ def _report_skip(path: Path, reason: str, skipped: list | None) -> None:
 
 
 def _is_ignored(path: Path) -> bool:
-    return path.name.startswith(".") or path.name.lower() in _IGNORED_NAMES
+    return is_ignored_name(path.name)
 
 
 def _list_images(folder: Path, skipped: list | None, verify: bool) -> list[Path]:
-    """Sorted readable image files directly inside ``folder`` (sub-folders are not entered)."""
+    """Sorted readable image files directly inside ``folder`` (sub-folders are not entered).
+
+    FIFOs, devices, dangling links and link loops are skipped with a warning (:func:`list_input_files`), as is an
+    unreadable ``folder``.
+    """
     images = []
-    for path in sorted(folder.iterdir()):
-        if path.is_dir() or _is_ignored(path):
-            continue
+    try:
+        files = list_input_files(folder, recursive=False, skipped=skipped)
+    except OSError as err:
+        _report_skip(folder, f"unreadable folder: {err.strerror or err}", skipped)
+        return []
+    for path in files:
         reason = verify_image_file(path) if verify else _extension_reason(path)
         if reason is None:
             images.append(path)
@@ -156,7 +166,10 @@ def _require_images(items: Sequence[Any], folder: Path | str, what: str) -> None
 
 
 def _subdirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_ignored(p))
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and not _is_ignored(p))
+    except OSError as err:
+        raise OSError(f"cannot list folder {folder}: {err.strerror or err}") from err
 
 
 def _child_dir(folder: Path, *names: str) -> Path | None:
@@ -212,6 +225,14 @@ def _anomalous_items(
             if reason is not None:
                 # an anomalous image without its (broken) mask would silently skew pixel metrics
                 _report_skip(image, f"its mask {mask} is unreadable: {reason}", skipped)
+                continue
+            image_size, mask_size = stored_size(image), stored_size(mask)
+            if image_size is not None and mask_size is not None and image_size != mask_size:
+                _report_skip(
+                    image,
+                    f"its mask {mask} is {mask_size[1]}x{mask_size[0]} but the image is {image_size[1]}x{image_size[0]} (WxH)",
+                    skipped,
+                )
                 continue
         items.append(_item(image, 1, category, defect_type, mask))
     return items

@@ -20,6 +20,7 @@ Conventions
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -37,6 +38,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
+
+from ura_monai.utils.paths import IGNORED_NAMES, is_within, safe_child, safe_name, special_file_reason
 
 __all__ = [
     "DicomDecodeError",
@@ -182,8 +185,15 @@ class SeriesInfo:
 
     @property
     def name(self) -> str:
-        """A file-system safe name for outputs: the UID, plus ``_stackN`` for split series."""
-        return self.uid if self.stack_index is None else f"{self.uid}_stack{self.stack_index}"
+        """A file-system safe name for outputs: the UID, plus ``_stackN`` for split series.
+
+        The UID comes from the file, so it may hold anything (``../``, ``/``): it is reduced to one portable path
+        component, with a short hash of the original added when that changed it (two UIDs never share a name).
+        """
+        name = safe_name(self.uid, fallback="series")
+        if name != self.uid:
+            name = f"{name}-{hashlib.sha1(self.uid.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
+        return name if self.stack_index is None else f"{name}_stack{self.stack_index}"
 
     @property
     def num_slices(self) -> int:
@@ -717,11 +727,19 @@ def discover_series(root: str | os.PathLike[str]) -> tuple[list[SeriesInfo], lis
 
     records_by_series: dict[str, list[_FrameRecord]] = defaultdict(list)
     skipped: list[SkippedFile] = []
-    for folder, folder_names, file_names in os.walk(root_path):
+
+    def unreadable(error: OSError) -> None:  # os.walk drops an unreadable sub-folder silently otherwise
+        skipped.append(SkippedFile(str(error.filename), f"unreadable folder: {error.strerror or error}"))
+
+    for folder, folder_names, file_names in os.walk(root_path, onerror=unreadable):
         folder_names.sort()
         for file_name in sorted(file_names):
             path = os.path.join(folder, file_name)
-            if not os.path.isfile(path):
+            if file_name.lower() in IGNORED_NAMES:
+                continue
+            special = special_file_reason(path)
+            if special is not None:  # a FIFO would block the header read forever; a dangling link says nothing
+                skipped.append(SkippedFile(path, special))
                 continue
             try:
                 # pydicom warns about odd values, quoting them: keep element values out of logs
@@ -1017,10 +1035,6 @@ def iter_series_slices(
 # --------------------------------------------------------------------------------------------
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def dicom_slice_datalist(
     root: str | os.PathLike[str],
     cache_dir: str | os.PathLike[str],
@@ -1062,12 +1076,12 @@ def dicom_slice_datalist(
         MONAI-style items ``{"image": path, "label": 0, "mask": None, "has_mask": False,
         "defect_type": "good", "category": series uid, "series_uid": ..., "slice_index": ...}``.
     """
-    from ura_monai.inference.io import atomic_path, atomic_write_text
+    from ura_monai.utils.fileio import atomic_path, atomic_write_text
 
     if slice_step < 1:
         raise ValueError(f"slice_step must be >= 1, got {slice_step}")
     root_path, cache_path = Path(root).resolve(), Path(cache_dir).resolve()
-    if _is_within(cache_path, root_path):
+    if is_within(cache_path, root_path):
         raise ValueError(
             f"cache folder {cache_path} is inside the input folder {root_path}; choose a folder outside it"
         )
@@ -1080,7 +1094,7 @@ def dicom_slice_datalist(
     for series in series_list:
         if wanted is not None and series.modality.upper() not in wanted:
             continue
-        series_folder = cache_path / series.name
+        series_folder = safe_child(cache_path, series.name)
         parameters = {"axis": axis, "slice_step": slice_step, "percentiles": list(percentiles), "rgb": rgb}
         settings_path = series_folder / "slices.json"
         reuse = (

@@ -19,6 +19,9 @@ No value is None, so ``monai.data.DataLoader``'s default collation works.
 
 from __future__ import annotations
 
+import logging
+import os
+import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,17 +33,26 @@ from monai.transforms import Compose, EnsureTyped, MapTransform, RandFlipd, Rand
 from PIL import Image
 
 __all__ = [
+    "MAX_IMAGE_PIXELS",
     "LoadAnomalyImage",
     "LoadAnomalyImaged",
     "LoadAnomalyMask",
     "ResizeAnomaly",
     "ResizeAnomalyd",
     "anomaly_transforms",
+    "image_size_reason",
     "load_image_tensor",
     "read_image_array",
 ]
 
+logger = logging.getLogger("ura_monai.data")
+
 PathLike = str | Path
+
+# images above this many pixels are refused per file (clear error, the run goes on) instead of decoding them:
+# an 8000x8000 RGB image costs several GB as float32 with its maps and overlay; set URA_MONAI_MAX_IMAGE_PIXELS
+# to change it (see docs/robustness.md)
+MAX_IMAGE_PIXELS = int(os.environ.get("URA_MONAI_MAX_IMAGE_PIXELS", 40_000_000))
 
 _TIFF_EXTENSIONS = (".tif", ".tiff")
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -49,8 +61,42 @@ _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 # --------------------------------------------------------------------------- reading
 
 
+def stored_size(path: Path) -> tuple[int, int] | None:
+    """(H, W) from the file's header, without decoding the pixels; None when the header gives none."""
+    if path.suffix.lower() in _TIFF_EXTENSIONS:
+        try:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                shape = tif.series[0].shape
+            sizes = sorted((int(n) for n in shape), reverse=True)[:2]
+            return (sizes[0], sizes[1]) if len(sizes) == 2 else None
+        except Exception:  # noqa: BLE001 - PIL below reads what tifffile rejects
+            pass
+    try:
+        with Image.open(path) as img:
+            return (int(img.height), int(img.width))
+    except Exception:  # noqa: BLE001 - the decode itself reports unreadable files
+        return None
+
+
+def image_size_reason(path: PathLike) -> str | None:
+    """``None`` when ``path``'s header says the image has at most :data:`MAX_IMAGE_PIXELS` pixels (or gives no
+    size), else why it is refused. Reads the header only."""
+    size = stored_size(Path(path))
+    if size is None or size[0] * size[1] <= MAX_IMAGE_PIXELS:
+        return None
+    return (
+        f"image is {size[1]}x{size[0]} ({size[0] * size[1] / 1e6:.1f} megapixels), over the limit of "
+        f"{MAX_IMAGE_PIXELS / 1e6:.1f} megapixels; downscale it first (or set URA_MONAI_MAX_IMAGE_PIXELS)"
+    )
+
+
 def _read_raw(path: Path) -> np.ndarray:
     """Pixel array (H, W) or (H, W, C) with its stored dtype; 16-bit and float TIFFs through tifffile."""
+    too_large = image_size_reason(path)
+    if too_large is not None:
+        raise ValueError(f"{path}: {too_large}")
     if path.suffix.lower() in _TIFF_EXTENSIONS:
         try:
             import tifffile
@@ -119,7 +165,7 @@ def _min_max(array: np.ndarray) -> np.ndarray:
     return (array - low) / (high - low)
 
 
-def read_image_array(path: PathLike, channels: int | None = None) -> np.ndarray:
+def read_image_array(path: PathLike, channels: int | None = None, warn_conversion: bool = False) -> np.ndarray:
     """Read an image file into a float32 array (C, H, W) with values in [0, 1].
 
     8-bit data is divided by 255 and 16-bit data by 65535; float data already in [0, 1] is kept,
@@ -130,6 +176,8 @@ def read_image_array(path: PathLike, channels: int | None = None) -> np.ndarray:
         path: image file (png, jpg, bmp, tif, ...).
         channels: None keeps the file's channels; 1 converts colour to grey (ITU-R 601 luma);
             3 repeats a grey channel to RGB.
+        warn_conversion: warn (naming the file) when the file's channels are converted, e.g. a grey image given
+            to a model trained on RGB images.
 
     Returns:
         float32 array of shape (C, H, W).
@@ -151,6 +199,10 @@ def read_image_array(path: PathLike, channels: int | None = None) -> np.ndarray:
     elif array.shape[-1] == 4:  # RGBA (tifffile)
         array = array[..., :3]
     array = np.ascontiguousarray(np.moveaxis(array, -1, 0))
+    if warn_conversion and channels is not None and array.shape[0] != channels:
+        kind = "grey" if array.shape[0] == 1 else "colour"
+        target = "RGB (grey repeated)" if channels == 3 else "grey (luma)"
+        warnings.warn(f"{path} is a {kind} image; converted to {target} as the model expects {channels} channel(s)", UserWarning, stacklevel=2)
     return _convert_channels(array, channels, path)
 
 
@@ -171,12 +223,14 @@ class LoadAnomalyImage(Transform):
 
     Args:
         channels: None keeps the file's channels; 1 forces grey; 3 forces RGB.
+        warn_conversion: warn, naming the file, when its channels are converted.
     """
 
-    def __init__(self, channels: int | None = None) -> None:
+    def __init__(self, channels: int | None = None, warn_conversion: bool = False) -> None:
         if channels not in (None, 1, 3):
             raise ValueError(f"channels must be None, 1 or 3, got {channels!r}")
         self.channels = channels
+        self.warn_conversion = warn_conversion
 
     def __call__(self, path: PathLike) -> torch.Tensor:
         """
@@ -186,7 +240,7 @@ class LoadAnomalyImage(Transform):
         Returns:
             float32 tensor (C, H, W) in [0, 1].
         """
-        return torch.from_numpy(read_image_array(path, self.channels))
+        return torch.from_numpy(read_image_array(path, self.channels, self.warn_conversion))
 
 
 class LoadAnomalyMask(Transform):
@@ -219,6 +273,13 @@ class LoadAnomalyMask(Transform):
             raise OSError(f"cannot read mask {path}: {err}") from err
         if raw.ndim == 3:  # colour masks: a defect may be drawn in any colour
             raw = raw.max(axis=-1)
+        values = np.unique(raw)
+        if values.size > 2 or (values.size == 2 and values[0] != 0):
+            # anti-aliased edges or a label map: binarising at > 0 may not be what the annotator meant
+            warnings.warn(
+                f"mask {path} is not binary ({values.size} distinct values from {values[0]} to {values[-1]}); "
+                "binarised at > 0", UserWarning, stacklevel=2,
+            )
         size = tuple(raw.shape)
         if self.spatial_size is not None and size != self.spatial_size:
             raise ValueError(
@@ -243,6 +304,7 @@ class LoadAnomalyImaged(MapTransform):
         mask_key: key holding the mask path; None loads no mask.
         channels: None keeps the files' channels; 1 forces grey; 3 forces RGB.
         allow_missing_keys: don't raise when an image key is missing.
+        warn_conversion: warn, naming the file, when an image's channels are converted.
 
     Raises:
         ValueError: when the mask's size differs from the image's (naming both files), or the image
@@ -255,10 +317,11 @@ class LoadAnomalyImaged(MapTransform):
         mask_key: str | None = "mask",
         channels: int | None = None,
         allow_missing_keys: bool = False,
+        warn_conversion: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.mask_key = mask_key
-        self.loader = LoadAnomalyImage(channels)
+        self.loader = LoadAnomalyImage(channels, warn_conversion)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -375,6 +438,7 @@ def anomaly_transforms(
     image_size: int | Sequence[int] = 256,
     augment: bool | str = False,
     channels: int | None = None,
+    warn_conversion: bool = False,
 ) -> Compose:
     """Standard transform chain from a datalist item to network-ready tensors.
 
@@ -388,6 +452,8 @@ def anomaly_transforms(
             (p=0.5 each) plus a random rot90 (p=0.5, square sizes only); "hflip" for a horizontal flip
             only, for images with a natural up-down orientation (e.g. OCT B-scans).
         channels: None keeps the files' channels; 1 forces grey; 3 forces RGB (e.g. ImageNet backbones).
+        warn_conversion: warn, naming the file, when an image's channels are converted (a grey image given to a
+            model trained on RGB images).
 
     Returns:
         a ``monai.transforms.Compose``; call ``.set_random_state(seed)`` on it for reproducible augmentation.
@@ -395,7 +461,7 @@ def anomaly_transforms(
     spatial_size = _spatial_size(image_size)
     keys = ["image", "mask"]
     transforms: list[Any] = [
-        LoadAnomalyImaged(keys="image", mask_key="mask", channels=channels),
+        LoadAnomalyImaged(keys="image", mask_key="mask", channels=channels, warn_conversion=warn_conversion),
         ResizeAnomalyd(keys="image", spatial_size=spatial_size, mask_keys="mask"),
     ]
     if augment:

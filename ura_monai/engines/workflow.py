@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from ignite.engine import Events
-from ignite.handlers import Checkpoint, DiskSaver
+from ignite.handlers import Checkpoint
 from ignite.handlers.tqdm_logger import ProgressBar
 from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
@@ -22,14 +22,15 @@ from ura_monai.data import anomaly_transforms
 from ura_monai.engines.evaluator import URANetEvaluator
 from ura_monai.engines.features import extract_feature_bank
 from ura_monai.engines.trainer import URANetTrainer
-from ura_monai.inference.io import atomic_write_text
+from ura_monai.utils.fileio import atomic_torch_save, atomic_write_text
+from ura_monai.utils.paths import mark_output_dir
 from ura_monai.losses.ura_loss import URANetLoss
 from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
 
-__all__ = ["fit", "test", "run_inference", "compute_thresholds", "split_normal_validation", "FeatureBankDataset"]
+__all__ = ["fit", "test", "run_inference", "compute_thresholds", "split_normal_validation", "training_channels", "FeatureBankDataset"]
 
 logger = logging.getLogger("ura_monai")
 
@@ -60,13 +61,53 @@ class _GeneratorState:
         self.generator.set_state(state["state"])
 
 
+TRAIN_STATE_NAME = "train_state.pt"
+# the settings a resumed run must share with the saved one (the epoch count may grow)
+_RESUME_KEYS = ("image_size", "augment", "seed", "batch_size", "channels", "model")
+
+
 def _train_states(state_dir: Path) -> list[Path]:
-    """Saved training states, oldest first (by the iteration number in ignite's file name)."""
+    """Training states written by earlier versions through ignite's ``Checkpoint``, oldest first."""
     def iteration(path: Path) -> int:
         digits = path.stem.rsplit("_", 1)[-1]
         return int(digits) if digits.isdigit() else -1
 
     return sorted(state_dir.glob("train_checkpoint_*.pt"), key=iteration)
+
+
+def _image_channels(path: str) -> int | None:
+    """1 or 3: the channels ``read_image_array`` gives the file (from its header); None when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+    except Exception:  # noqa: BLE001 - the loader reports unreadable files itself
+        return None
+    return 1 if mode in ("1", "L", "LA", "I", "F") or mode.startswith("I;16") else 3
+
+
+def training_channels(items: Sequence[dict]) -> int:
+    """The channel count a model is trained with: 3 when any training image is colour, else 1.
+
+    Every image is then converted to it, so one grey image among RGB ones (or the reverse) batches; the count is
+    stored in the checkpoint, and test / predict convert images to it with a warning.
+    """
+    return 3 if any(_image_channels(str(item["image"])) == 3 for item in items) else 1
+
+
+def _check_resumable(saved: dict[str, Any], run_config: dict[str, Any], path: Path) -> None:
+    stored = saved.get("run_config")
+    if stored is None:
+        logger.warning("%s records no settings (an older version wrote it): resuming without checking them", path)
+        return
+    different = [k for k in _RESUME_KEYS if stored.get(k) != run_config.get(k)]
+    if different:
+        changes = "; ".join(f"{k}: saved {stored.get(k)!r}, now {run_config.get(k)!r}" for k in different)
+        raise ValueError(
+            f"cannot resume the run in {path.parent.parent}: its settings differ ({changes}); resume with the saved "
+            "settings, or start a fresh run (ura-monai fit --overwrite)"
+        )
 
 
 def split_normal_validation(items: Sequence[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -79,8 +120,10 @@ def split_normal_validation(items: Sequence[dict], fraction: float, seed: int) -
     return train, val
 
 
-def _loader(items: Sequence[dict], image_size: int, batch_size: int, num_workers: int, channels: int | None = None) -> DataLoader:
-    dataset = Dataset(list(items), transform=anomaly_transforms(image_size, augment=False, channels=channels))
+def _loader(items: Sequence[dict], image_size: int, batch_size: int, num_workers: int, channels: int | None = None,
+            warn_conversion: bool = False) -> DataLoader:
+    transform = anomaly_transforms(image_size, augment=False, channels=channels, warn_conversion=warn_conversion)
+    dataset = Dataset(list(items), transform=transform)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
 
 
@@ -96,6 +139,7 @@ def run_inference(
     progress: bool = True,
     metric: AnomalyDetectionMetric | None = None,
     channels: int | None = None,
+    warn_conversion: bool = False,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run a ``URANetEvaluator`` over ``items``.
 
@@ -106,7 +150,7 @@ def run_inference(
     device = torch.device(device)
     evaluator = URANetEvaluator(
         device=device,
-        val_data_loader=_loader(items, image_size, batch_size, num_workers, channels),
+        val_data_loader=_loader(items, image_size, batch_size, num_workers, channels, warn_conversion),
         network=model.to(device),
         num_samples=num_samples,
         amp=amp,
@@ -196,7 +240,9 @@ def fit(
         num_workers: DataLoader workers for decoding images.
         amp: mixed precision on CUDA.
         tensorboard: log losses to ``<output_dir>/runs``.
-        resume: continue from ``<output_dir>/train_state`` when present.
+        resume: continue from ``<output_dir>/train_state/train_state.pt`` (the last complete epoch) when present;
+            its settings (image size, model, augment, seed, batch size, channels) must match, else ValueError.
+            Without ``resume`` an earlier run's state in ``output_dir`` is deleted (never resumed later by mistake).
         progress: progress bars.
         model_kwargs: ``URANet`` arguments (ablation switches, sizes, map and score options).
         loss_kwargs: ``URANetLoss`` weights.
@@ -207,18 +253,38 @@ def fit(
     start = time.perf_counter()
     set_determinism(seed)
     device = torch.device(device)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = mark_output_dir(output_dir, "fit")  # so that the output-folder rule knows it as a fit run
     if not train_items:
         raise ValueError("no training images")
     fit_items, val_items = split_normal_validation(train_items, val_fraction, seed)
     if not val_items:
         logger.warning("fewer than 5 training images: thresholds come from the training images themselves")
         val_items = fit_items
+    # one channel count for every image of the run (a grey image among RGB ones would not batch); stored below
+    channels = training_channels(train_items)
 
     model = URANet(image_size=image_size, **(model_kwargs or {})).to(device)
+    run_config = {"image_size": image_size, "augment": augment, "seed": seed, "batch_size": batch_size, "channels": channels,
+                  "model": {k: v for k, v in model.config.items() if k not in ("num_samples", "backbone_weights")}}
+    state_dir = output_dir / "train_state"
+    state_path = state_dir / TRAIN_STATE_NAME
+    saved_state = None
+    if resume:
+        candidates = [state_path] if state_path.is_file() else _train_states(state_dir)[-1:]
+        if candidates:
+            saved_state = torch.load(candidates[-1], map_location=device, weights_only=True)
+            _check_resumable(saved_state, run_config, candidates[-1])
+            saved_from = candidates[-1]
+        else:
+            logger.warning("--resume: no saved training state in %s; training starts at epoch 1", state_dir)
+    else:
+        # a fresh run: the state of an earlier run in this folder must never be resumed later in its place
+        for stale in [state_path, *_train_states(state_dir)]:
+            stale.unlink(missing_ok=True)
+        if (output_dir / "model.pt").exists():
+            logger.warning("replacing %s of an earlier run", output_dir / "model.pt")
     bank = extract_feature_bank(
-        model.feature_extractor, _loader(fit_items, image_size, batch_size, num_workers), device, augment, amp, progress
+        model.feature_extractor, _loader(fit_items, image_size, batch_size, num_workers, channels), device, augment, amp, progress
     )
     generator = torch.Generator().manual_seed(seed)
     bank = model.fit_normal_statistics(bank.to(device), generator).cpu()
@@ -246,15 +312,16 @@ def fit(
     # resumable state: everything needed to continue exactly where an interrupted run stopped, including
     # the generator behind FASM draws and shuffling
     state = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer, "rng": _GeneratorState(generator)}
-    state_dir = output_dir / "train_state"
-    saver = Checkpoint(state, DiskSaver(str(state_dir), require_empty=False, atomic=True), n_saved=1, filename_prefix="train")
-    trainer.add_event_handler(Events.EPOCH_COMPLETED, saver)
-    if resume:
-        saved = _train_states(state_dir)
-        if saved:
-            Checkpoint.load_objects(state, torch.load(saved[-1], map_location=device, weights_only=True))
-            trainer.state.max_epochs = epochs  # the saved state's max_epochs would make ignite restart a finished run
-            logger.info("resuming from %s (epoch %d)", saved[-1], trainer.state.epoch)
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _save_state(engine):
+        # one file, replaced atomically: a kill during the save leaves the previous epoch's state whole
+        atomic_torch_save(state_path, {"run_config": run_config, **{k: obj.state_dict() for k, obj in state.items()}})
+
+    if saved_state is not None:
+        Checkpoint.load_objects(state, saved_state)
+        trainer.state.max_epochs = epochs  # the saved state's max_epochs would make ignite restart a finished run
+        logger.info("resuming from %s (epoch %d)", saved_from, trainer.state.epoch)
     losses: dict[str, float] = {}
 
     @trainer.on(Events.EPOCH_COMPLETED)
@@ -264,14 +331,15 @@ def fit(
 
     if trainer.state.epoch < epochs:  # a finished run that is resumed is not trained again
         trainer.run()
-    for stale in _train_states(state_dir)[:-1]:  # states left by earlier runs of the same output_dir
-        stale.unlink()
+    for legacy in _train_states(state_dir):  # ignite-named states of an older version, now in train_state.pt
+        if state_path.is_file():
+            legacy.unlink()
     train_seconds = time.perf_counter() - start
 
     # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
-    postprocessing = compute_thresholds(model, val_items, image_size, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp)
+    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp)
     extra = {
-        "image_size": image_size, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
+        "image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
         "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items),
         "fit_seconds": round(time.perf_counter() - start, 2),
     }
@@ -292,8 +360,12 @@ def test(
     progress: bool = True,
     image_size: int | None = None,
     image_threshold: float | None = None,
+    channels: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or model) on labelled test items.
+
+    Images are converted to the model's channel count (``channels``, else the checkpoint's, else RGB), with a
+    warning naming each converted file when the count is known.
 
     Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score)
     and ``roc_curve.png``.
@@ -313,13 +385,16 @@ def test(
     if isinstance(checkpoint, URANet):
         model = checkpoint.eval()
     else:
-        model, saved = load_checkpoint(checkpoint, device)
+        model, loaded = load_checkpoint(checkpoint, device)
+        channels = channels or loaded.get("extra", {}).get("channels")
         if image_threshold is None:
-            image_threshold = (saved.get("postprocessing") or {}).get("image_threshold")
+            image_threshold = (loaded.get("postprocessing") or {}).get("image_threshold")
     size = image_size or model.config["image_size"]
     start = time.perf_counter()
+    # one channel count per run, so grey and colour test images batch; the network repeats grey to RGB anyway
     metrics, per_image = run_inference(
-        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress, metric=AnomalyDetectionMetric(image_threshold=image_threshold)
+        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress,
+        metric=AnomalyDetectionMetric(image_threshold=image_threshold), channels=channels or 3, warn_conversion=channels is not None,
     )
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {k: metrics.get(k, math.nan) for k in ANOMALY_METRIC_NAMES}
@@ -330,8 +405,7 @@ def test(
     if output_dir is not None:
         from ura_monai.inference.writers import save_roc_curve_png, write_csv
 
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        output_dir = mark_output_dir(output_dir, "test")
         atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2))
         write_csv(output_dir / "per_image.csv", rows)
         labels = [r["label"] for r in rows]

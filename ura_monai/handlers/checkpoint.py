@@ -1,8 +1,9 @@
 """Ignite handlers that write and read the project's URA-Net checkpoints from MONAI workflows (bundle configs).
 
-The checkpoint format is :func:`ura_monai.networks.checkpoint.save_checkpoint`'s: the network's config, its
-trainable weights and the post-processing statistics (thresholds), so a bundle's ``models/model.pt`` loads with
-``ura-monai predict``, :class:`ura_monai.inference.predictor.URANetPredictor` and ``load_checkpoint``.
+The checkpoint format is :func:`ura_monai.networks.checkpoint.save_checkpoint`'s: the state dict of the bundle's
+``network_def`` (the network's trainable weights, the post-processing statistics as buffers, its config as extra
+state), so a bundle's ``models/model.pt`` loads with the zoo's ``ckpt_export network_def``, ``ura-monai predict``,
+:class:`ura_monai.inference.predictor.URANetPredictor` and ``load_checkpoint``.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from ura_monai.bundle.training import is_rank0, unwrap
-from ura_monai.networks.checkpoint import CHECKPOINT_FORMAT, save_checkpoint
-from ura_monai.networks.nets.export import check_checkpoint_config
 from ura_monai.engines.workflow import compute_thresholds
+from ura_monai.networks.checkpoint import load_into, read_checkpoint, save_checkpoint
+from ura_monai.utils.distributed import is_rank0, unwrap
 
 __all__ = ["URANetCheckpointSaver", "URANetCheckpointLoader", "compute_thresholds"]
 
@@ -109,12 +109,12 @@ class URANetCheckpointSaver:
 
     def save_final(self, engine: Engine) -> Path | None:
         """Write ``final_filename`` (called when training completes, also after early stopping)."""
-        return self._save(self.final_filename, {"epoch": int(engine.state.epoch), "max_epochs": int(engine.state.max_epochs)})
+        return self._save(self.final_filename, {"epoch": int(engine.state.epoch), "max_epochs": int(engine.state.max_epochs or 0)})
 
     def save_best(self, validator: Engine) -> Path | None:
         """Write ``best_filename`` when this validation set a new best key metric."""
         state = validator.state
-        if state.key_metric_name is None or state.best_metric_epoch != state.epoch:
+        if not self.best_filename or state.key_metric_name is None or state.best_metric_epoch != state.epoch:
             return None
         epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(state.epoch)
         return self._save(self.best_filename, {"epoch": epoch, "key_metric": state.key_metric_name, "key_metric_value": float(state.best_metric)})
@@ -145,18 +145,10 @@ class URANetCheckpointLoader:
         engine.add_event_handler(Events.STARTED, self)
 
     def load(self) -> dict[str, Any]:
-        """Load the weights now; returns the checkpoint dict."""
-        if not self.load_path.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {self.load_path}")
-        checkpoint = torch.load(self.load_path, map_location=self.map_location, weights_only=True)
-        if not isinstance(checkpoint, Mapping) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{self.load_path} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT})")
-        model = unwrap(self.network)
-        check_checkpoint_config(checkpoint.get("config", {}), model.config, str(self.load_path))
-        missing, unexpected = model.load_trainable_state_dict(checkpoint["state_dict"])
-        if missing or unexpected:
-            raise ValueError(f"{self.load_path} does not match the network: missing {missing}, unexpected {unexpected}")
-        self.postprocessing = dict(checkpoint.get("postprocessing") or {})
+        """Load the weights now; returns the checkpoint (:func:`~ura_monai.networks.checkpoint.read_checkpoint`)."""
+        checkpoint = read_checkpoint(self.load_path, self.map_location)
+        load_into(self.network, checkpoint, str(self.load_path))
+        self.postprocessing = dict(checkpoint["postprocessing"])
         logger.info("loaded %s", self.load_path)
         return checkpoint
 

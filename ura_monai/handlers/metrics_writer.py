@@ -12,8 +12,8 @@ from typing import Any
 
 from ignite.engine import Engine, Events
 
-from ura_monai.bundle.training import is_rank0
-from ura_monai.inference.io import atomic_write_text
+from ura_monai.utils.distributed import is_rank0
+from ura_monai.utils.fileio import atomic_write_text
 
 __all__ = ["AnomalyMetricsWriter"]
 
@@ -54,7 +54,7 @@ class AnomalyMetricsWriter:
         self.rows = []
 
     def _collect(self, engine: Engine) -> None:
-        out = engine.state.output
+        out: Any = engine.state.output
         scores = out["pred_score"].reshape(-1)
         for i in range(scores.shape[0]):
             self.rows.append(

@@ -14,7 +14,10 @@ Safety: the output folder may not be inside the input folder (nor the reverse); 
 built in a hidden staging folder and renamed into place when complete, so a crash never leaves a
 half-written series folder; every file is written through a temporary file + ``os.replace``.
 A failing series gets an ``error`` row in ``results.csv`` and the others go on. No patient name
-or ID is used in file names or logs: series folders are named by SeriesInstanceUID.
+or ID is used in file names or logs: series folders are named by SeriesInstanceUID, reduced to one
+portable path component (a UID is file content: ``../`` or an absolute path must not leave the
+output folder) and checked to stay inside it. The output folder follows the rule of
+``docs/robustness.md`` (new or empty, or a previous run's with ``overwrite``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from ura_monai.inference.dicom_writers import (
     write_report_json,
     write_segmentation,
 )
+from ura_monai.utils.paths import claim_output_dir, ensure_within, is_within, safe_child
 
 __all__ = ["SlicePredictor", "aggregate_slice_scores", "check_output_folder", "predict_dicom_folder"]
 
@@ -101,10 +105,6 @@ def aggregate_slice_scores(slice_scores: np.ndarray, aggregation: str = "max", t
     return float(np.sort(scores)[-k:].mean())
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    return path == folder or folder in path.parents
-
-
 def check_output_folder(input_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
     """Resolve both folders and refuse overlapping trees.
 
@@ -119,12 +119,12 @@ def check_output_folder(input_dir: str | os.PathLike[str], output_dir: str | os.
     output_path = Path(output_dir).expanduser().resolve()
     if not input_path.is_dir():
         raise FileNotFoundError(f"input folder not found: {input_path}")
-    if _is_within(output_path, input_path):
+    if is_within(output_path, input_path):
         raise ValueError(
             f"output folder {output_path} is inside the input folder {input_path}: results are never "
             "written into the input tree; choose an output folder outside it"
         )
-    if _is_within(input_path, output_path):
+    if is_within(input_path, output_path):
         raise ValueError(
             f"input folder {input_path} is inside the output folder {output_path}: choose an output "
             "folder that does not contain the input"
@@ -379,6 +379,7 @@ def predict_dicom_folder(
     top_k: int = 5,
     write_dicom: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Detect anomalies in every image series of a DICOM folder and write per-series results.
 
@@ -395,7 +396,7 @@ def predict_dicom_folder(
 
     Args:
         input_dir: folder tree with DICOM files (e.g. a PACS export).
-        output_dir: new or existing results folder, outside ``input_dir``.
+        output_dir: a new or empty results folder (or a previous run's, with ``overwrite``), outside ``input_dir``.
         predictor: a :class:`SlicePredictor`.
         axis: slicing axis of the ``[slices, rows, cols]`` volume: 0 for the acquired slices (OCT
             B-scans), 1 or 2 for reformatted planes (then the series is staged in a memmap).
@@ -404,6 +405,8 @@ def predict_dicom_folder(
         top_k: number of most anomalous slices reported (and averaged by ``"topk_mean"``).
         write_dicom: also write DICOM Parametric Map / SEG (skipped with a warning without highdicom).
         progress: show tqdm progress bars.
+        overwrite: replace a previous ura-monai run in ``output_dir``; without it a non-empty ``output_dir`` is
+            refused (:func:`ura_monai.utils.paths.claim_output_dir`, the rule of ``docs/robustness.md``).
 
     Returns:
         the rows written to ``results.csv`` by this run (dicts keyed by
@@ -438,7 +441,7 @@ def predict_dicom_folder(
             "highdicom is not installed: DICOM Parametric Map / SEG outputs are skipped (%s)", DICOM_EXTRA_HINT
         )
 
-    output_path.mkdir(parents=True, exist_ok=True)
+    claim_output_dir(output_path, "predict-dicom", overwrite=overwrite, inputs=[input_path])
     csv_path = output_path / RESULTS_CSV_NAME
     all_rows: list[dict[str, Any]] = []
     # files that belong to no analysed series get their own rows
@@ -463,7 +466,9 @@ def predict_dicom_folder(
             "warnings": "; ".join(series.warnings),
             "skipped_files": " | ".join(f"{_relative(s.path, input_path)}: {s.reason}" for s in series.skipped_files),
         }
-        staging = output_path / f".{series.name}.partial-{secrets.token_hex(4)}"
+        # series.name is sanitised from the SeriesInstanceUID; safe_child checks again that it stays inside output_path
+        final_folder = safe_child(output_path, series.name)
+        staging = ensure_within(output_path / f".{final_folder.name}.partial-{secrets.token_hex(4)}", output_path, "staging folder")
         try:
             staging.mkdir(parents=True)
             report = _run_series(
@@ -481,7 +486,7 @@ def predict_dicom_folder(
             report["timings_s"]["total"] = round(time.perf_counter() - series_started, 3)
             report["timings_s"]["discovery_folder"] = round(discovery_seconds, 3)
             write_report_json(staging / "report.json", report)
-            _finalize_series_folder(staging, output_path / series.name)
+            _finalize_series_folder(staging, final_folder)
             row.update(
                 status="ok",
                 volume_score=f"{report['volume_score']:.6g}",

@@ -1,6 +1,6 @@
 """Writers for per-series results: NIfTI maps, DICOM Parametric Map / SEG, report.json, results.csv.
 
-Every file goes through :mod:`ura_monai.inference.io` (temporary file + ``os.replace``).
+Every file goes through :mod:`ura_monai.utils.fileio` (temporary file + ``os.replace``).
 
 * NIfTI maps carry the source affine of :func:`ura_monai.data.dicom.series_affine` (RAS, voxel
   order column/row/slice, sform and qform "scanner"), so they overlay the source series in
@@ -28,7 +28,7 @@ import numpy as np
 import pydicom
 
 from ura_monai.data.dicom import SeriesInfo
-from ura_monai.inference.io import atomic_path, atomic_write_text
+from ura_monai.utils.fileio import atomic_path, atomic_write_csv, atomic_write_text
 
 __all__ = [
     "DICOM_EXTRA_HINT",
@@ -433,9 +433,6 @@ def update_results_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, An
                 merged[_row_key(existing)] = existing
     for row in rows:
         merged[_row_key(row)] = row
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=RESULTS_CSV_FIELDS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in merged.values():
-        writer.writerow({key: ("" if row.get(key) is None else row.get(key)) for key in RESULTS_CSV_FIELDS})
-    return atomic_write_text(csv_path, buffer.getvalue())
+    # cells escaped against formula injection: paths and messages come from the input folder
+    table = [{key: ("" if row.get(key) is None else row.get(key)) for key in RESULTS_CSV_FIELDS} for row in merged.values()]
+    return atomic_write_csv(csv_path, table, RESULTS_CSV_FIELDS)

@@ -33,6 +33,7 @@ from ura_monai.inference.writers import output_path_for, save_array, save_png, w
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.transforms.postprocess import RenderHeatmapOverlay, ThresholdAnomalyMap
 from ura_monai.transforms.thresholds import normalize_score
+from ura_monai.utils.paths import claim_output_dir, special_file_reason
 
 __all__ = ["URANetPredictor", "SCORES_CSV_NAME", "SCORES_CSV_COLUMNS"]
 
@@ -139,6 +140,9 @@ class URANetPredictor:
             self.network = FastURANet(self.model, **({} if fast is True else dict(fast)))
         size = self.checkpoint.get("extra", {}).get("image_size") or self.model.config["image_size"]
         self.image_size = int(size)
+        # the channel count of the training images (None for checkpoints written before it was stored)
+        channels = self.checkpoint.get("extra", {}).get("channels")
+        self.channels = None if channels is None else int(channels)
         post = self.checkpoint.get("postprocessing") or {}
         self.image_threshold = _optional_float(post.get("image_threshold"))
         self.image_min = _optional_float(post.get("image_min"))
@@ -203,6 +207,7 @@ class URANetPredictor:
         output_dir: str | os.PathLike,
         input_root: str | os.PathLike | None = None,
         progress: bool = True,
+        overwrite: bool = False,
     ) -> list[dict[str, Any]]:
         """Predict every file of ``paths`` and write the results to ``output_dir``.
 
@@ -223,31 +228,25 @@ class URANetPredictor:
             output_dir: output folder (created when missing).
             input_root: the folder the inputs come from, if any; nothing is written inside it.
             progress: show a tqdm progress bar.
+            overwrite: replace a previous ura-monai run in ``output_dir``; without it a non-empty ``output_dir``
+                is refused (:func:`ura_monai.utils.paths.claim_output_dir`, the rule of ``docs/robustness.md``).
 
         Returns:
             the rows of ``scores.csv``, in input order.
 
         Raises:
-            ValueError: when ``output_dir`` lies inside ``input_root``, or ``scores.csv`` would replace an input.
+            ValueError: when ``output_dir`` is (or lies inside) ``input_root`` or the folder of an input file, or is
+                not empty (:class:`ura_monai.utils.paths.OutputFolderError`).
         """
         from tqdm.auto import tqdm
 
         output_dir = Path(output_dir)
         inputs = [Path(p) for p in paths]
-        if input_root is not None:
-            root = Path(input_root).resolve()
-            resolved_out = output_dir.resolve()
-            if resolved_out == root or root in resolved_out.parents:
-                raise ValueError(
-                    f"output folder {output_dir} is inside the input folder {input_root}: outputs never go into the "
-                    "input tree (a later run would read them as inputs); choose an output folder outside it"
-                )
+        # outputs never go into an input folder: they could replace inputs, and a later run would read them as inputs
+        claim_output_dir(output_dir, "predict", overwrite=overwrite, inputs=([input_root] if input_root is not None else []) + inputs)
         # every input, resolved: an output name must never land on any of them, not only on its own input
         input_set = {p.resolve() for p in inputs}
         csv_path = output_dir / SCORES_CSV_NAME
-        if csv_path.resolve() in input_set:
-            raise ValueError(f"{csv_path} is one of the inputs; choose another output folder")
-        output_dir.mkdir(parents=True, exist_ok=True)
 
         rows: list[dict[str, Any]] = []
         taken: set[str] = set()
@@ -264,11 +263,15 @@ class URANetPredictor:
                     row = {"path": str(path), "score": "", "normalized_score": "", "decision": "", "threshold": threshold_cell, "error": "", "overlay": ""}
                     batch_rows.append(row)
                     try:
+                        special = special_file_reason(path)
+                        if special is not None:  # never open a FIFO or a device: the read could block forever
+                            raise ValueError(special)
                         if path.suffix.lower() not in IMAGE_EXTENSIONS:
                             raise ValueError(f"not an image file (extension {path.suffix.lower() or '<none>'!r} is not one of {', '.join(IMAGE_EXTENSIONS)})")
                         image = loader(path)
                         if image.shape[0] not in (1, 3):
                             raise ValueError(f"expected a grey or RGB image, got {image.shape[0]} channels")
+                        image = self._model_channels(image, path)
                         model_input = resizer(image)
                         # keep the full-size image as 8 bits for the overlay: 4x less memory than float32
                         original = (image.clamp(0, 1) * 255.0).round().to(torch.uint8)
@@ -280,13 +283,22 @@ class URANetPredictor:
                     loaded.append((len(batch_rows) - 1, path, original, model_input))
 
                 if loaded:
-                    # grey and colour files may share a batch: the network repeats grey to RGB anyway
+                    # grey and colour files may share a batch (checkpoints without a stored channel count): the
+                    # network repeats grey to RGB anyway
                     channels = max(item[3].shape[0] for item in loaded)
                     batch = torch.stack([item[3].expand(channels, -1, -1) for item in loaded])
-                    out = self._forward(batch)
+                    try:
+                        out = self._forward(batch)
+                    except MemoryError:
+                        # one image too many for this machine: go on one image at a time, failing only that one
+                        out = self._forward_one_by_one(batch, [batch_rows[item[0]] for item in loaded])
                     normalized, labels = self._decisions(out["pred_score"])
                     for i, (row_index, path, original, _) in enumerate(loaded):
                         row = batch_rows[row_index]
+                        if row["error"]:
+                            logger.warning("skipping %s: %s", path, row["error"])
+                            bar.update(1)
+                            continue
                         try:
                             source = _naming_source(path, input_root)
                             names = {k: output_path_for(source, output_dir, s, input_root, taken) for k, s in _OUTPUT_SUFFIXES.items()}
@@ -298,7 +310,13 @@ class URANetPredictor:
                             logger.warning("skipping %s: %s", path, row["error"])
                             bar.update(1)
                             continue
-                        self._write_outputs(names, original, out["anomaly_map"][i], out["uncertainty_map"][i])
+                        try:
+                            self._write_outputs(names, original, out["anomaly_map"][i], out["uncertainty_map"][i])
+                        except (MemoryError, OSError) as err:  # this image's outputs only; the run goes on
+                            row["error"] = _format_error(err)
+                            logger.warning("skipping %s: %s", path, row["error"])
+                            bar.update(1)
+                            continue
                         score = float(out["pred_score"][i])
                         row.update(
                             score=score,
@@ -315,6 +333,31 @@ class URANetPredictor:
             if not csv_path.exists() or len(rows) < len(inputs):
                 write_csv(csv_path, rows, fieldnames=SCORES_CSV_COLUMNS)
         return rows
+
+    def _model_channels(self, image: torch.Tensor, path: Path) -> torch.Tensor:
+        """``image`` with the channel count the model was trained on, with a warning when it is converted."""
+        if self.channels is None or image.shape[0] == self.channels:
+            return image
+        if self.channels == 3:
+            logger.warning("%s is a grey image; the model was trained on RGB images: grey repeated to RGB", path)
+            return image.expand(3, -1, -1)
+        logger.warning("%s is an RGB image; the model was trained on grey images: converted to grey (luma)", path)
+        return torch.tensordot(torch.tensor([0.299, 0.587, 0.114]), image, dims=1)[None]
+
+    def _forward_one_by_one(self, batch: torch.Tensor, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """``_forward`` image by image; an image that runs out of memory gets an error in its row and NaN outputs."""
+        size = batch.shape[-1]
+        parts: dict[str, list[torch.Tensor]] = {"anomaly_map": [], "uncertainty_map": [], "pred_score": []}
+        for index, row in enumerate(rows):
+            try:
+                out = self._forward(batch[index : index + 1])
+            except MemoryError as err:
+                row["error"] = _format_error(err) or "MemoryError"
+                out = {"anomaly_map": torch.full((1, 1, size, size), float("nan")), "uncertainty_map": torch.full((1, 1, size, size), float("nan")),
+                       "pred_score": torch.full((1,), float("nan"))}
+            for key in parts:
+                parts[key].append(out[key])
+        return {key: torch.cat(values) for key, values in parts.items()}
 
     def _write_outputs(self, names: dict[str, Path], original: torch.Tensor, anomaly_map: torch.Tensor, uncertainty_map: torch.Tensor) -> None:
         """Resize one image's (1, S, S) maps to its own size and write its four files."""

@@ -1,6 +1,6 @@
 """Writers for inference results: PNG overlays, raw maps, CSV tables and figures.
 
-Every file goes through :func:`ura_monai.inference.io.atomic_path` (temporary sibling + ``os.replace``), so an
+Every file goes through :func:`ura_monai.utils.fileio.atomic_path` (temporary sibling + ``os.replace``), so an
 interrupted run leaves either the previous file or the complete new one. Figures use matplotlib's Agg canvas
 directly (no ``pyplot``, no display, no global backend switch), so they work on headless servers and in threads.
 
@@ -10,18 +10,16 @@ overwrite inputs.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io as _stdlib_io
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ura_monai.inference.io import atomic_path, atomic_write_text
+from ura_monai.utils.fileio import atomic_path, atomic_write_text, csv_text
+from ura_monai.utils.paths import is_within, safe_name
 
 __all__ = ["output_path_for", "save_array", "save_map_figure", "save_png", "save_roc_curve_png", "write_csv"]
 
@@ -29,7 +27,6 @@ PathLike = str | os.PathLike
 
 # suffixes that wrap another one: "scan.nii.gz" has the stem "scan", not "scan.nii"
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zip", ".zst")
-_UNSAFE_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_STEM_CHARS = 120
 
 
@@ -124,13 +121,9 @@ def write_csv(path: PathLike, rows: Sequence[Mapping[str, Any]], fieldnames: Seq
     columns: dict[str, None] = dict.fromkeys(fieldnames or ())  # an ordered set
     for row in rows:
         columns.update(dict.fromkeys(str(k) for k in row))
-    buffer = _stdlib_io.StringIO()
-    if columns:
-        writer = csv.DictWriter(buffer, fieldnames=list(columns), restval="", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({str(k): _csv_value(v) for k, v in row.items()})
-    return atomic_write_text(path, buffer.getvalue())
+    # cells are escaped against spreadsheet formula injection (file names come from users' folders)
+    text = csv_text([{str(k): _csv_value(v) for k, v in row.items()} for row in rows], list(columns)) if columns else ""
+    return atomic_write_text(path, text)
 
 
 # --------------------------------------------------------------------------- figures
@@ -260,12 +253,7 @@ def _stem(path: Path) -> str:
 
 def _safe_stem(stem: str) -> str:
     # only portable characters; no leading dots (hidden files, "..") and a bounded length
-    safe = _UNSAFE_CHARS.sub("_", stem).lstrip(".")
-    return safe[:_MAX_STEM_CHARS] or "output"
-
-
-def _is_within(path: Path, root: Path) -> bool:
-    return path == root or root in path.parents
+    return safe_name(stem, fallback="output", max_chars=_MAX_STEM_CHARS)
 
 
 def output_path_for(
@@ -322,7 +310,7 @@ def output_path_for(
         raise ValueError(f"refusing to write {output} over its own input {source}: outputs never overwrite inputs")
     if input_root is not None:
         root = Path(input_root).resolve()
-        if _is_within(resolved_output, root):
+        if is_within(resolved_output, root):
             raise ValueError(
                 f"refusing to write {output} inside the input tree {root}: outputs never overwrite inputs; "
                 "choose an output folder outside it"

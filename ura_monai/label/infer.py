@@ -47,6 +47,7 @@ from ura_monai.label.volumes import (
     normalize_volume,
     place_slice_maps,
 )
+from ura_monai.utils.enums import VolumeAggregation
 
 __all__ = ["URANetInferTask", "LoadURANetInputd", "ANOMALY_LABELS", "ANOMALY_OUTPUTS"]
 
@@ -54,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 ANOMALY_LABELS = {"anomaly": 1}
 ANOMALY_OUTPUTS = ("mask", "anomaly_map")
-_AGGREGATIONS = ("max", "mean", "topk_mean")
+_AGGREGATIONS = VolumeAggregation.choices()
 
 
 def _first(value: Any) -> Any:

@@ -31,12 +31,13 @@ from monailabel.interfaces.tasks.train import TrainTask
 from monailabel.utils.others.generic import device_list, name_to_device
 
 from ura_monai.label.volumes import intensity_window, is_volume, load_volume, normalize_volume, slice_to_image
+from ura_monai.utils.enums import AugmentView
 
 __all__ = ["URANetTrainTask"]
 
 logger = logging.getLogger(__name__)
 
-_AUGMENTS = ("none", "hflip", "dihedral")
+_AUGMENTS = AugmentView.choices()
 
 
 def _first(value: Any) -> Any:

@@ -32,7 +32,6 @@ __all__ = [
     "load_volume",
     "normalize_volume",
     "place_slice_maps",
-    "slice_count",
     "slice_to_image",
 ]
 
@@ -114,10 +113,6 @@ def _check_axis(axis: int) -> int:
     return int(axis)
 
 
-def slice_count(volume: np.ndarray, axis: int = 2) -> int:
-    return int(volume.shape[_check_axis(axis)])
-
-
 def slice_to_image(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     """Slice ``index`` along ``axis`` as a 2D image (rows, columns): the transposed plane of the other two axes."""
     return np.ascontiguousarray(np.take(volume, index, axis=_check_axis(axis)).T)
@@ -140,10 +135,10 @@ def iter_slice_batches(
         yield chunk, np.stack([slice_to_image(volume, axis, int(i)) for i in chunk])[:, None]
 
 
-def place_slice_maps(maps: np.ndarray, shape: Sequence[int], axis: int, out: np.ndarray, indices: Sequence[int]) -> None:
+def place_slice_maps(maps: np.ndarray, shape: Sequence[int], axis: int, out: np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
     """Write ``(N, H, W)`` slice maps back into ``out`` (the volume's shape) at ``indices`` along ``axis``."""
     axis = _check_axis(axis)
     for map_2d, index in zip(maps, indices):
-        selector = [slice(None)] * 3
+        selector: list[slice | int] = [slice(None)] * 3
         selector[axis] = int(index)
         out[tuple(selector)] = map_2d.T

@@ -17,10 +17,13 @@ from ura_monai.metrics.functional import (
     roc_curve,
     uncertainty_error_auroc,
 )
+from ura_monai.metrics.validation import ScalarAnomalyMetrics, ValidationScore, scores_and_labels
 
 __all__ = [
     "ANOMALY_METRIC_NAMES",
     "AnomalyDetectionMetric",
+    "ScalarAnomalyMetrics",
+    "ValidationScore",
     "from_anomaly_output",
     "anomalous_tpr",
     "aupro",
@@ -35,5 +38,6 @@ __all__ = [
     "pixel_f1_max",
     "pixel_f1_max_threshold",
     "roc_curve",
+    "scores_and_labels",
     "uncertainty_error_auroc",
 ]

@@ -28,7 +28,7 @@ from ura_monai.metrics.functional import (
     uncertainty_error_auroc,
 )
 
-__all__ = ["ANOMALY_METRIC_NAMES", "AnomalyDetectionMetric", "from_anomaly_output"]
+__all__ = ["ANOMALY_METRIC_NAMES", "AnomalyDetectionMetric", "batch_tensor", "from_anomaly_output"]
 
 ANOMALY_METRIC_NAMES: tuple[str, ...] = (
     "image_auroc",
@@ -43,13 +43,13 @@ ANOMALY_METRIC_NAMES: tuple[str, ...] = (
 )
 
 
-def _batch_tensor(data: Any) -> torch.Tensor:
+def batch_tensor(data: Any) -> torch.Tensor:
     """Convert one batch item (tensor, MetaTensor, array, number or list of those) to a plain CPU tensor."""
     if isinstance(data, torch.Tensor):
         tensor = data.as_tensor() if hasattr(data, "as_tensor") else data  # drop MONAI MetaTensor metadata
         return tensor.detach().cpu()
     if isinstance(data, (list, tuple)):
-        return torch.stack([_batch_tensor(item) for item in data])
+        return torch.stack([batch_tensor(item) for item in data])
     return torch.as_tensor(data)
 
 
@@ -95,8 +95,8 @@ def from_anomaly_output(
         if key not in batch or batch[key] is None:
             return None
         if items is None:
-            return _batch_tensor(batch[key])
-        return torch.stack([_batch_tensor(item[key]) for item in items])  # re-collate per-sample dicts
+            return batch_tensor(batch[key])
+        return torch.stack([batch_tensor(item[key]) for item in items])  # re-collate per-sample dicts
 
     scores, labels = pick(score_key), pick(label_key)
     return scores, labels, pick(map_key), pick(mask_key), pick(uncertainty_key)  # type: ignore[return-value]
@@ -196,15 +196,15 @@ class AnomalyDetectionMetric(Metric):
         scores, labels = output[0], output[1]
         maps, masks = (output[2], output[3]) if len(output) >= 4 else (None, None)
         uncertainty = output[4] if len(output) == 5 else None
-        scores_cpu = _batch_tensor(scores).reshape(-1).to(torch.float64)
-        labels_cpu = _batch_tensor(labels).reshape(-1)
+        scores_cpu = batch_tensor(scores).reshape(-1).to(torch.float64)
+        labels_cpu = batch_tensor(labels).reshape(-1)
         if scores_cpu.numel() != labels_cpu.numel():
             raise ValueError(f"got {scores_cpu.numel()} scores but {labels_cpu.numel()} labels in a batch.")
         self._scores.append(scores_cpu)
         self._labels.append(labels_cpu.to(torch.float64))
         if maps is not None and masks is not None:
-            maps_cpu = _batch_tensor(maps).to(self.map_dtype)
-            masks_cpu = _batch_tensor(masks) > 0.5  # bool: 1 byte per pixel
+            maps_cpu = batch_tensor(maps).to(self.map_dtype)
+            masks_cpu = batch_tensor(masks) > 0.5  # bool: 1 byte per pixel
             if maps_cpu.shape != masks_cpu.shape:
                 raise ValueError(
                     f"anomaly map shape {tuple(maps_cpu.shape)} differs from mask shape {tuple(masks_cpu.shape)}."
@@ -213,7 +213,7 @@ class AnomalyDetectionMetric(Metric):
             self._maps.extend(maps_cpu.unbind(0))
             self._masks.extend(masks_cpu.unbind(0))
             if uncertainty is not None and "uncertainty_error_auroc" in self.metric_names:
-                uncertainty_cpu = _batch_tensor(uncertainty).to(self.map_dtype)
+                uncertainty_cpu = batch_tensor(uncertainty).to(self.map_dtype)
                 if uncertainty_cpu.shape != maps_cpu.shape:
                     raise ValueError(
                         f"uncertainty map shape {tuple(uncertainty_cpu.shape)} differs from anomaly map shape {tuple(maps_cpu.shape)}."

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -37,7 +37,7 @@ __all__ = [
 ]
 
 # one array of maps/masks (N, H, W), (N, 1, H, W), (N, 1, D, H, W), ... or a list of per-image arrays
-MapsLike = Union[np.ndarray, Sequence[Any], Any]
+MapsLike = np.ndarray | Sequence[Any] | Any
 
 # positives are searched in chunks so that the int64 index arrays stay small for ~1e8 pixels
 _SEARCH_CHUNK = 1 << 22

@@ -10,7 +10,7 @@ import torch
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 
-from ura_monai.metrics.anomaly_metrics import AnomalyDetectionMetric, _batch_tensor
+from ura_monai.metrics.anomaly_metrics import AnomalyDetectionMetric, batch_tensor
 from ura_monai.metrics.functional import image_auroc
 
 __all__ = ["ValidationScore", "ScalarAnomalyMetrics", "scores_and_labels"]
@@ -48,9 +48,9 @@ class ValidationScore(Metric):
         Args:
             output: ``(pred_score [B], label [B], anomaly_map [B, 1, H, W])``.
         """
-        scores = _batch_tensor(output[0]).reshape(-1).double()
-        labels = _batch_tensor(output[1]).reshape(-1).double()
-        maps = _batch_tensor(output[2]).float()
+        scores = batch_tensor(output[0]).reshape(-1).double()
+        labels = batch_tensor(output[1]).reshape(-1).double()
+        maps = batch_tensor(output[2]).float()
         self._scores.append(scores)
         self._labels.append(labels)
         self._map_means.append(maps.flatten(1).mean(1).double())

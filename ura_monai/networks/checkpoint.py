@@ -1,45 +1,197 @@
-"""URA-Net checkpoints: the network's config, its trainable weights and the post-processing statistics.
+"""URA-Net checkpoints: one file that both the project and MONAI's bundle tools read.
 
-The frozen backbone is not stored: it is rebuilt from its weights file (the offline Lite0 package by default),
-which keeps checkpoints small. Everything is plain tensors, numbers and strings, so checkpoints load with
-``torch.load(..., weights_only=True)``.
+A checkpoint (format ``ura_monai.uranet/2``) is the plain ``state_dict`` of the bundle's ``network_def``,
+:class:`ura_monai.networks.nets.export.URANetExport` around a :class:`URANet`:
+
+- ``network.<key>``: the network's trainable weights and the feature extractor's ``level_scale`` (the frozen
+  backbone is not stored: it is rebuilt from its weights file, which keeps checkpoints small);
+- ``image_threshold``, ``image_min``, ``image_max``, ``pixel_threshold``, ``pixel_min``, ``pixel_max``: the
+  post-processing statistics as float64 scalars (NaN when absent), buffers of the export wrapper, so exported
+  models carry them;
+- ``_extra_state``: ``{"format", "config" (URANet's arguments), "postprocessing" (other statistics), "extra"}``,
+  the wrapper's ``get_extra_state``.
+
+So ``python -m monai.bundle ckpt_export network_def --ckpt_file models/model.pt`` loads it with the zoo's standard
+command, and :func:`load_checkpoint` rebuilds the URANet from it. Everything is plain tensors, numbers and strings:
+checkpoints load with ``torch.load(..., weights_only=True)``. :func:`read_checkpoint` is the one reader; it also
+reads the first format (``ura_monai.uranet/1``: ``{"format", "config", "state_dict", "postprocessing", "extra"}``).
 """
 
 from __future__ import annotations
 
+import math
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ura_monai.inference.io import atomic_path
+from ura_monai.utils.fileio import atomic_path
 from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.utils.distributed import unwrap
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "checkpoint_state_dict",
+    "load_into",
+    "check_checkpoint_config",
+    "CHECKPOINT_FORMAT",
+    "LEGACY_CHECKPOINT_FORMAT",
+    "POSTPROCESSING_KEYS",
+    "ARCHITECTURE_KEYS",
+]
 
-CHECKPOINT_FORMAT = "ura_monai.uranet/1"
+CHECKPOINT_FORMAT = "ura_monai.uranet/2"
+LEGACY_CHECKPOINT_FORMAT = "ura_monai.uranet/1"
+NETWORK_PREFIX = "network."
+EXTRA_STATE_KEY = "_extra_state"
+# post-processing statistics stored as tensors (buffers of the export wrapper)
+POSTPROCESSING_KEYS = ("image_threshold", "image_min", "image_max", "pixel_threshold", "pixel_min", "pixel_max")
+
+# config keys that change the weights' shapes or what the map measures (and so what the thresholds mean); the others
+# (num_samples, score_mode, sigma, ...) are inference options that may differ between the checkpoint and a config
+ARCHITECTURE_KEYS = (
+    "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "equalize_levels", "use_fasm", "use_uiapm",
+    "use_ram", "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
+    "distance_attention", "anomaly_map_source", "residual",
+)  # fmt: skip
 
 
-def save_checkpoint(path: str | os.PathLike, model: URANet, postprocessing: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` (config + trainable state) and post-processing statistics atomically to ``path``."""
-    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
-    payload = {
+def check_checkpoint_config(
+    checkpoint_config: Mapping[str, Any], network_config: Mapping[str, Any], source: str = "checkpoint"
+) -> None:
+    """Raise ``ValueError`` naming every architecture setting in which a checkpoint and a network differ.
+
+    Args:
+        checkpoint_config: the ``config`` stored in a checkpoint.
+        network_config: ``URANet.config`` of the network about to receive the weights.
+        source: the checkpoint's name (a path), for the message.
+    """
+
+    def plain(value: Any) -> Any:
+        return list(value) if isinstance(value, (list, tuple)) else value
+
+    differing = [
+        (key, checkpoint_config[key], network_config[key])
+        for key in ARCHITECTURE_KEYS
+        if key in checkpoint_config and key in network_config
+        and plain(checkpoint_config[key]) != plain(network_config[key])
+    ]  # fmt: skip
+    if differing:
+        detail = "; ".join(f"{k}: checkpoint {s!r}, config {b!r}" for k, s, b in differing)
+        hint = " ".join(
+            f"--network_def#{k} {s!r}" if k != "image_size" else f"--image_size {s!r}" for k, s, _ in differing
+        )
+        raise ValueError(f"{source} was trained with other network settings than the config ({detail}); pass {hint}")
+
+
+def checkpoint_state_dict(
+    model: torch.nn.Module, postprocessing: Mapping[str, float] | None = None, extra: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The checkpoint of ``model`` (a URANet, DDP-wrapped or not): the state dict ``URANetExport`` loads."""
+    model = unwrap(model)
+    post = dict(postprocessing or {})
+    state: dict[str, Any] = {NETWORK_PREFIX + k: v.detach().cpu() for k, v in model.trainable_state_dict().items()}
+    for key in POSTPROCESSING_KEYS:
+        value = post.pop(key, None)
+        state[key] = torch.tensor(math.nan if value is None else float(value), dtype=torch.float64)
+    state[EXTRA_STATE_KEY] = {
         "format": CHECKPOINT_FORMAT,
         "config": model.config,
-        "state_dict": {k: v.detach().cpu() for k, v in model.trainable_state_dict().items()},
-        "postprocessing": dict(postprocessing or {}),
+        "postprocessing": post,
         "extra": dict(extra or {}),
     }
+    return state
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    postprocessing: dict[str, float] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write ``model`` (config + trainable state) and post-processing statistics atomically to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        torch.save(checkpoint_state_dict(model, postprocessing, extra), tmp)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu", **overrides: Any) -> tuple[URANet, dict[str, Any]]:
-    """Rebuild a URA-Net from a checkpoint written by :func:`save_checkpoint`.
+def _from_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
+    meta = state[EXTRA_STATE_KEY]
+    post = dict(meta.get("postprocessing") or {})
+    for key in POSTPROCESSING_KEYS:
+        if key in state and not math.isnan(float(state[key])):
+            post[key] = float(state[key])
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "config": dict(meta["config"]),
+        "state_dict": {k[len(NETWORK_PREFIX) :]: v for k, v in state.items() if k.startswith(NETWORK_PREFIX)},
+        "postprocessing": post,
+        "extra": dict(meta.get("extra") or {}),
+    }
+
+
+def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a URA-Net checkpoint of either format: the one reader every loader calls.
+
+    Args:
+        checkpoint: a checkpoint file (loaded with ``weights_only=True``) or its already-loaded contents.
+        map_location: where the tensors of a file are loaded.
+
+    Returns:
+        ``{"format", "config", "state_dict" (URANet keys: trainable weights and level scale), "postprocessing"
+        (thresholds and normalization statistics, floats), "extra"}``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is unreadable or not a URA-Net checkpoint (one line naming it).
+    """
+    source = "checkpoint"
+    if not isinstance(checkpoint, Mapping):
+        path = Path(checkpoint)
+        source = str(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        try:
+            checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as err:
+            raise ValueError(f"{path} is not a readable URA-Net checkpoint: {err}") from err
+    if isinstance(checkpoint, Mapping):
+        meta = checkpoint.get(EXTRA_STATE_KEY)
+        if isinstance(meta, Mapping) and meta.get("format") == CHECKPOINT_FORMAT:
+            return _from_state_dict(checkpoint)
+        if checkpoint.get("format") == LEGACY_CHECKPOINT_FORMAT:
+            return {
+                "format": LEGACY_CHECKPOINT_FORMAT,
+                "config": dict(checkpoint["config"]),
+                "state_dict": dict(checkpoint["state_dict"]),
+                "postprocessing": dict(checkpoint.get("postprocessing") or {}),
+                "extra": dict(checkpoint.get("extra") or {}),
+            }
+    raise ValueError(
+        f"{source} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT} or {LEGACY_CHECKPOINT_FORMAT})"
+    )
+
+
+def load_into(network: torch.nn.Module, checkpoint: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Load a :func:`read_checkpoint` result into ``network`` (a URANet, DDP-wrapped or not), after checking that
+    its architecture settings match (:func:`check_checkpoint_config`); the frozen backbone keeps its weights."""
+    model: Any = unwrap(network)
+    check_checkpoint_config(checkpoint["config"], model.config, source)
+    missing, unexpected = model.load_trainable_state_dict(checkpoint["state_dict"])
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match the network: missing {missing}, unexpected {unexpected}")
+
+
+def load_checkpoint(
+    path: str | os.PathLike, device: torch.device | str = "cpu", **overrides: Any
+) -> tuple[URANet, dict[str, Any]]:
+    """Rebuild a URA-Net from a checkpoint written by :func:`save_checkpoint` (or the first format).
 
     Args:
         path: checkpoint file.
@@ -48,20 +200,9 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu",
             ``score_mode`` or ``backbone_weights``; not the architecture).
 
     Returns:
-        ``(model in eval mode, checkpoint dict)``; ``checkpoint["postprocessing"]`` holds thresholds.
+        ``(model in eval mode, read_checkpoint(path))``; ``checkpoint["postprocessing"]`` holds thresholds.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path} is not a readable URA-Net checkpoint: {err}") from err
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT})")
-    config = {**checkpoint["config"], **overrides}
-    model = URANet(**config)
-    missing, unexpected = model.load_trainable_state_dict(checkpoint["state_dict"])
-    if missing or unexpected:
-        raise ValueError(f"{path} does not match the network: missing {missing}, unexpected {unexpected}")
+    checkpoint = read_checkpoint(path)
+    model = URANet(**{**checkpoint["config"], **overrides})
+    load_into(model, checkpoint, str(path))
     return model.to(device).eval(), checkpoint

@@ -1,4 +1,5 @@
-"""Post-processing transforms (array and dictionary forms) for anomaly maps and scores."""
+"""Post-processing transforms (array and dictionary forms) for anomaly maps and scores, and the thresholds and
+normalization statistics they use."""
 
 from .postprocess import (
     NormalizeAnomalyScore,
@@ -10,6 +11,7 @@ from .postprocess import (
     ThresholdAnomalyMap,
     ThresholdAnomalyMapd,
 )
+from .thresholds import normal_postprocessing_stats, normalize_score
 
 __all__ = [
     "NormalizeAnomalyScore",
@@ -20,4 +22,6 @@ __all__ = [
     "SmoothAnomalyMapd",
     "ThresholdAnomalyMap",
     "ThresholdAnomalyMapd",
+    "normal_postprocessing_stats",
+    "normalize_score",
 ]

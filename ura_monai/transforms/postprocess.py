@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform, Transform
-from monai.utils import convert_to_dst_type, convert_to_tensor
+from monai.utils import TransformBackends, convert_to_dst_type, convert_to_tensor
 
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator
 
@@ -74,7 +74,7 @@ class SmoothAnomalyMap(Transform):
         sigma: Gaussian standard deviation in pixels; 0 returns a copy of the input.
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, sigma: float = 4.0) -> None:
         if sigma < 0:
@@ -149,7 +149,7 @@ class NormalizeAnomalyScore(Transform):
         max_value: largest raw value seen on the statistics set (> ``min_value``).
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, threshold: float, min_value: float, max_value: float) -> None:
         # float() also accepts 0-d tensors / numpy scalars read from a checkpoint
@@ -170,8 +170,8 @@ class NormalizeAnomalyScore(Transform):
             value = (float(img) - self.threshold) / (self.max_value - self.min_value) + 0.5
             return min(max(value, 0.0), 1.0)
         if isinstance(img, torch.Tensor):
-            x = img if img.is_floating_point() else img.float()
-            return ((x - self.threshold) / (self.max_value - self.min_value) + 0.5).clamp(0.0, 1.0)
+            t = img if img.is_floating_point() else img.float()
+            return ((t - self.threshold) / (self.max_value - self.min_value) + 0.5).clamp(0.0, 1.0)
         x = np.asarray(img)
         x = x.astype(_float_dtype(x), copy=False)
         return np.clip((x - self.threshold) / (self.max_value - self.min_value) + 0.5, 0.0, 1.0).astype(x.dtype, copy=False)
@@ -217,7 +217,7 @@ class ThresholdAnomalyMap(Transform):
         dtype: output dtype, numpy or torch (converted to the container's equivalent).
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(self, threshold: float, dtype: Any = np.uint8) -> None:
         self.threshold = float(threshold)
@@ -264,7 +264,7 @@ class ThresholdAnomalyMapd(MapTransform):
         if output_keys is None:
             self.output_keys: tuple[Hashable, ...] = tuple(self.keys)
         else:
-            self.output_keys = (output_keys,) if isinstance(output_keys, (str, int)) else tuple(output_keys)
+            self.output_keys = (output_keys,) if isinstance(output_keys, (str, int)) else tuple(output_keys)  # type: ignore[arg-type]
         if len(self.output_keys) != len(self.keys):
             raise ValueError(f"output_keys must match keys one to one, got {self.output_keys} for {self.keys}")
 
@@ -314,7 +314,7 @@ class RenderHeatmapOverlay(Transform):
         contour_color: RGB uint8 colour of the mask contour (white: it stands out on ``jet``, unlike green).
     """
 
-    backend = [torch.Tensor, np.ndarray]
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
     def __init__(
         self,

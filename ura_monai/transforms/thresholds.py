@@ -54,4 +54,5 @@ def normalize_score(value: torch.Tensor, threshold: float, min_value: float, max
     """
     from ura_monai.transforms.postprocess import NormalizeAnomalyScore
 
-    return NormalizeAnomalyScore(threshold, min_value, max(max_value, min_value + 1e-12))(value)
+    # a tensor in gives a tensor out (the transform also takes arrays and numbers)
+    return NormalizeAnomalyScore(threshold, min_value, max(max_value, min_value + 1e-12))(value)  # type: ignore[return-value]

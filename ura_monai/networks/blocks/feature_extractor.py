@@ -16,7 +16,7 @@ from torch import nn
 
 from ura_monai.networks.nets.efficientnet_lite import efficientnet_lite0
 
-__all__ = ["PretrainedFeatureExtractor", "BACKBONE_LEVELS", "wide_resnet50_2_weights_path"]
+__all__ = ["PretrainedFeatureExtractor", "BACKBONE_LEVELS", "LITE0_STAGE_OF_LEVEL", "wide_resnet50_2_weights_path"]
 
 # level name -> channels, per backbone. Level names say the stride ("reduction_8" is 1/8 of the input).
 BACKBONE_LEVELS: dict[str, dict[str, int]] = {
@@ -24,7 +24,7 @@ BACKBONE_LEVELS: dict[str, dict[str, int]] = {
     "wide_resnet50_2": {"reduction_4": 256, "reduction_8": 512, "reduction_16": 1024, "reduction_32": 2048},
 }
 # Lite0 stage index (MONAI's EfficientNet._blocks) whose output is each level.
-_LITE0_STAGE_OF_LEVEL = {"reduction_2": 0, "reduction_4": 1, "reduction_8": 2, "reduction_16": 4, "reduction_32": 6}
+LITE0_STAGE_OF_LEVEL = {"reduction_2": 0, "reduction_4": 1, "reduction_8": 2, "reduction_16": 4, "reduction_32": 6}
 _WRN_LAYER_OF_LEVEL = {"reduction_4": "layer1", "reduction_8": "layer2", "reduction_16": "layer3", "reduction_32": "layer4"}
 _WRN_WEIGHT_FILES = ("wide_resnet50_2-95faca4d.pth", "wide_resnet50_2-9ba9bcbe.pth")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -131,10 +131,6 @@ class PretrainedFeatureExtractor(nn.Module):
         self.net.eval()
         return self
 
-    @property
-    def grid_size(self) -> int | None:
-        return None if self.feature_stride is None else self.image_size // self.feature_stride
-
     @torch.no_grad()
     def fit_level_scale(self, features: torch.Tensor) -> torch.Tensor:
         """Set ``level_scale`` so that every level of ``features`` has the same total variance (1), and return
@@ -162,7 +158,7 @@ class PretrainedFeatureExtractor(nn.Module):
         return (images - self.mean.to(images.dtype)) / self.std.to(images.dtype)
 
     def _levels_lite0(self, x: torch.Tensor) -> list[torch.Tensor]:
-        wanted = {_LITE0_STAGE_OF_LEVEL[lv]: lv for lv in self.levels}
+        wanted = {LITE0_STAGE_OF_LEVEL[lv]: lv for lv in self.levels}
         last = max(wanted)
         net = self.net
         x = net._swish(net._bn0(net._conv_stem(net._conv_stem_padding(x))))

@@ -1,26 +1,31 @@
-"""A tensor-in, tensors-out URA-Net for TorchScript and ONNX export (``monai.bundle ckpt_export`` / ``onnx_export``).
+"""URA-Net as a tensor-in, tensor-out module: the bundle's ``network_def``, for ``monai.bundle verify_net_in_out``,
+``ckpt_export`` and ``onnx_export``.
 
 :class:`URANet` returns a dict and draws fresh Gaussian noise for every uncertainty pass, so an exported graph
 would neither have a fixed output signature nor give repeatable maps. :class:`URANetExport` wraps a URANet and
 
-- returns a tuple ``(anomaly_map, uncertainty_map, pred_score)`` (or, with ``as_tuple=False``, the two maps
-  stacked as one ``(B, 2, H, W)`` tensor, the form ``monai.bundle verify_net_in_out`` checks);
+- returns the anomaly and uncertainty maps stacked as one ``(B, 2, H, W)`` tensor (the model zoo's convention:
+  ``verify_net_in_out`` checks it against ``network_data_format``) or, with ``as_tuple=True``, the tuple
+  ``(anomaly_map, uncertainty_map, pred_score)``;
 - fixes the uncertainty passes: the number of passes is set at construction and the noise of every pass is
-  drawn once, from ``seed``, and stored as buffers, so the exported model and the eager wrapper give the same
-  maps for the same image, whatever the batch it comes in (every image of a batch gets the same noise);
-- loads the project's checkpoints (:func:`ura_monai.networks.checkpoint.save_checkpoint`) through
-  ``load_state_dict``, which is what ``monai.bundle ckpt_export`` / ``onnx_export`` call (through ignite's
-  ``Checkpoint.load_objects``) with ``--ckpt_file models/model.pt``; the checkpoint's thresholds are kept as
-  buffers (``image_threshold``, ``pixel_threshold``; NaN when absent) and travel with the exported model.
+  drawn once, from ``seed``, and stored as (non-persistent) buffers, so the exported model and the eager wrapper
+  give the same maps for the same image, whatever the batch it comes in (every image of a batch gets the same
+  noise);
+- has the project checkpoint as its ``state_dict`` (:mod:`ura_monai.networks.checkpoint`): ``models/model.pt``
+  loads with the zoo's ``ckpt_export network_def --ckpt_file models/model.pt`` (ignite's
+  ``Checkpoint.load_objects`` calls ``load_state_dict``); the post-processing statistics are buffers
+  (``image_threshold``, ``pixel_threshold``, ...; NaN when absent) and travel with the exported model.
 
 The wrapper runs the network's own forward; only the two noise sources of the perception module
 (``torch.randn`` for the latent samples and ``torch.randn_like`` in the Bayesian head) are served from the
 stored buffers, through a ``TorchFunctionMode`` active during the wrapper's forward; tracing records those
-buffers as constants of the graph. Export by tracing: TorchScript with ``torch.jit.trace``
-(``ckpt_export --use_trace True``), ONNX with the ``torch.export``-based exporter (``torch.onnx.export(...,
-dynamo=True)``, the default of torch >= 2.9; it needs ``onnxscript``). ``torch.jit.script`` is not supported, nor
-is the TorchScript-based ONNX exporter (``dynamo=False``: the Gaussian smoothing's kernel shape is not static
-there). The exported graph has the batch size and image size it was traced with (``--input_shape``).
+buffers as constants of the graph. TorchScript: ``torch.jit.trace`` (``ckpt_export --use_trace True``) or
+``torch.jit.script`` (``ckpt_export`` without it, as the zoo's CI calls it), which traces the wrapper inside a
+scriptable shell (``__prepare_scriptable__``). ONNX: the ``torch.export``-based exporter
+(``onnx_export --use_trace True``; ``torch.onnx.export(..., dynamo=True)``, the default of torch >= 2.9; it needs
+``onnxscript``); the TorchScript-based ONNX exporter (``dynamo=False``) is not supported (the Gaussian smoothing's
+kernel shape is not static there). The exported graph has the batch size and image size it was traced with
+(``--input_shape``; batch 1 and the network's image size for ``torch.jit.script``).
 """
 
 from __future__ import annotations
@@ -33,38 +38,18 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ura_monai.networks.nets.ura_net import URANet
-
-__all__ = ["URANetExport", "ARCHITECTURE_KEYS", "check_checkpoint_config"]
-
-
-# config keys that change the weights' shapes or what the map measures (and so what the thresholds mean); the others
-# (num_samples, score_mode, sigma, ...) are inference options that may differ between the checkpoint and a config
-ARCHITECTURE_KEYS = (
-    "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "equalize_levels", "use_fasm", "use_uiapm", "use_ram",
-    "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
-    "distance_attention", "anomaly_map_source", "residual",
+from ura_monai.networks.checkpoint import (
+    CHECKPOINT_FORMAT,
+    EXTRA_STATE_KEY,
+    POSTPROCESSING_KEYS,
+    check_checkpoint_config,
+    load_into,
+    read_checkpoint,
 )
+from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.utils.distributed import unwrap
 
-
-def check_checkpoint_config(checkpoint_config: Mapping[str, Any], network_config: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Raise ``ValueError`` naming every architecture setting in which a checkpoint and a network differ.
-
-    Args:
-        checkpoint_config: the ``config`` stored in a checkpoint.
-        network_config: ``URANet.config`` of the network about to receive the weights.
-        source: the checkpoint's name (a path), for the message.
-    """
-    differing = []
-    for key in ARCHITECTURE_KEYS:
-        if key in checkpoint_config and key in network_config:
-            saved, built = checkpoint_config[key], network_config[key]
-            if (list(saved) if isinstance(saved, (list, tuple)) else saved) != (list(built) if isinstance(built, (list, tuple)) else built):
-                differing.append((key, saved, built))
-    if differing:
-        detail = "; ".join(f"{k}: checkpoint {s!r}, config {b!r}" for k, s, b in differing)
-        hint = " ".join(f"--network_def#{k} {s!r}" if k != "image_size" else f"--image_size {s!r}" for k, s, _ in differing)
-        raise ValueError(f"{source} was trained with other network settings than the config ({detail}); pass {hint}")
+__all__ = ["URANetExport"]
 
 
 class _FixedNoise(TorchFunctionMode):
@@ -113,7 +98,9 @@ class _RecordNoise(TorchFunctionMode):
             if func is torch.randn_like:
                 shape = tuple(args[0].shape)
             else:
-                shape = tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
+                shape = (
+                    tuple(args[0]) if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else tuple(args)
+                )
             sample = torch.randn(shape, generator=self.generator, dtype=torch.float32)
             self.noise.append(sample)
             return sample.to(kwargs.get("device") or "cpu")
@@ -121,23 +108,33 @@ class _RecordNoise(TorchFunctionMode):
 
 
 class URANetExport(nn.Module):
-    """URA-Net as a traceable module: images in, ``(anomaly_map, uncertainty_map, pred_score)`` out.
+    """URA-Net as a tensor-in, tensors-out module: the bundle's ``network_def``.
+
+    Images in; out ``cat([anomaly_map, uncertainty_map], 1)``, one ``(B, 2, H, W)`` tensor (the default, the form
+    ``monai.bundle verify_net_in_out`` checks and the metadata documents) or, with ``as_tuple=True``,
+    ``(anomaly_map (B,1,H,W), uncertainty_map (B,1,H,W), pred_score (B,))``.
+
+    Its ``state_dict`` is the project checkpoint (:mod:`ura_monai.networks.checkpoint`): the network's weights
+    under ``network.``, the post-processing statistics as float64 buffers (``image_threshold``, ... ``pixel_max``;
+    NaN when unknown) and the config as extra state. ``load_state_dict`` takes that state dict (with or without
+    the frozen backbone's weights) or a first-format checkpoint, and checks the architecture settings.
 
     Args:
-        network: the :class:`URANet` to wrap (its weights are loaded through this wrapper's ``load_state_dict``).
+        network: the :class:`URANet` to wrap.
         num_samples: uncertainty passes baked into the export; ``None`` takes the network's ``num_samples``,
             0 gives a zero uncertainty map and the deterministic anomaly map of ``URANet(x, num_samples=0)``.
         seed: seed of the stored noise.
-        as_tuple: return ``(anomaly_map (B,1,H,W), uncertainty_map (B,1,H,W), pred_score (B,))``; ``False``
-            returns ``cat([anomaly_map, uncertainty_map], 1)``, one ``(B, 2, H, W)`` tensor.
+        as_tuple: return the maps and the score as a tuple instead of the stacked maps.
         image_size: size of the dry run that records the noise shapes (default the network's ``image_size``);
             the exported model then takes images of this size.
+        input_channels: channels of the example image that ``torch.jit.script`` traces (see
+            ``__prepare_scriptable__``).
 
     Example::
 
         net = URANetExport(URANet(image_size=256), num_samples=8)
-        net.load_state_dict(torch.load("models/model.pt", weights_only=True))   # project checkpoint
-        anomaly_map, uncertainty_map, score = torch.jit.trace(net, torch.rand(1, 3, 256, 256))(images)
+        net.load_state_dict(torch.load("models/model.pt", weights_only=True))
+        maps = torch.jit.trace(net, torch.rand(1, 1, 256, 256))(images)   # (B, 2, 256, 256)
     """
 
     def __init__(
@@ -145,28 +142,33 @@ class URANetExport(nn.Module):
         network: URANet,
         num_samples: int | None = None,
         seed: int = 0,
-        as_tuple: bool = True,
+        as_tuple: bool = False,
         image_size: int | None = None,
+        input_channels: int = 1,
     ) -> None:
         super().__init__()
-        network = getattr(network, "module", network)
-        if not isinstance(network, URANet):
-            raise TypeError(f"URANetExport wraps a URANet, got {type(network).__name__}")
-        self.network = network.eval()
+        inner = unwrap(network)
+        if not isinstance(inner, URANet):
+            raise TypeError(f"URANetExport wraps a URANet, got {type(inner).__name__}")
+        self.network = network = inner.eval()
         self.num_samples = int(network.config.get("num_samples", 0) if num_samples is None else num_samples)
         if self.num_samples < 0:
             raise ValueError(f"num_samples must be >= 0, got {self.num_samples}")
         self.seed = int(seed)
         self.as_tuple = bool(as_tuple)
         self.image_size = int(image_size or network.config["image_size"])
-        self.register_buffer("image_threshold", torch.tensor(math.nan))
-        self.register_buffer("pixel_threshold", torch.tensor(math.nan))
+        self.input_channels = int(input_channels)
+        for key in POSTPROCESSING_KEYS:
+            self.register_buffer(key, torch.tensor(math.nan, dtype=torch.float64))
+        self.postprocessing_extra: dict[str, Any] = {}
+        self.extra: dict[str, Any] = {}
         self._noise_names: list[str] = []
         self._record_noise()
 
     # ------------------------------------------------------------------ noise
     def _record_noise(self) -> None:
-        """Draw the noise of one image's uncertainty passes (a batch-of-one dry run) and store it as buffers."""
+        """Draw the noise of one image's uncertainty passes (a batch-of-one dry run) and store it as buffers
+        (not persistent: they are redrawn from ``seed``, so checkpoints do not depend on ``num_samples``)."""
         for name in self._noise_names:
             delattr(self, name)
         self._noise_names = []
@@ -175,10 +177,12 @@ class URANetExport(nn.Module):
         device = next(self.network.parameters()).device
         recorder = _RecordNoise(torch.Generator().manual_seed(self.seed))
         with torch.no_grad(), recorder:
-            self.network(torch.zeros(1, 3, self.image_size, self.image_size, device=device), num_samples=self.num_samples)
+            self.network(
+                torch.zeros(1, 3, self.image_size, self.image_size, device=device), num_samples=self.num_samples
+            )
         for index, sample in enumerate(recorder.noise):
             name = f"noise_{index}"
-            self.register_buffer(name, sample.to(device))
+            self.register_buffer(name, sample.to(device), persistent=False)
             self._noise_names.append(name)
 
     def _noise(self) -> list[torch.Tensor]:
@@ -191,7 +195,7 @@ class URANetExport(nn.Module):
             images: (B, 1 or 3, H, W) intensities in [0, 1], at the network's image size.
 
         Returns:
-            ``(anomaly_map, uncertainty_map, pred_score)`` or, with ``as_tuple=False``, the stacked maps.
+            the stacked maps (B, 2, H, W) or, with ``as_tuple=True``, ``(anomaly_map, uncertainty_map, pred_score)``.
         """
         if self.num_samples > 0:
             with _FixedNoise(self._noise()):
@@ -202,26 +206,78 @@ class URANetExport(nn.Module):
             return torch.cat([out["anomaly_map"], out["uncertainty_map"]], dim=1)
         return out["anomaly_map"], out["uncertainty_map"], out["pred_score"]
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """What ``torch.jit.script(wrapper)`` compiles (``monai.bundle ckpt_export`` without ``--use_trace``, as the
+        model zoo's CI calls it): URANet's forward is not TorchScript (dict outputs, the noise mode), so the
+        wrapper is traced on a ``(1, input_channels, image_size, image_size)`` example and the trace put in a
+        scriptable shell, PyTorch's documented mix of tracing and scripting. The result is the traced export
+        (batch size 1, this image size), with the post-processing buffers."""
+        device = next(self.network.parameters()).device
+        example = torch.rand(1, self.input_channels, self.image_size, self.image_size, device=device)
+        with torch.no_grad():
+            traced = torch.jit.trace(self, example, check_trace=False)
+        shell = _ScriptableTuple(traced) if self.as_tuple else _ScriptableMaps(traced)
+        for key in POSTPROCESSING_KEYS:
+            shell.register_buffer(key, getattr(self, key).clone())
+        return shell
+
     # ------------------------------------------------------------------ checkpoints
+    @torch.jit.ignore  # checkpoint I/O stays Python when the wrapper is scripted or traced
+    def get_extra_state(self) -> dict[str, Any]:
+        """The checkpoint's non-tensor part: format, the network's config, other statistics, extra values."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.network.config,
+            "postprocessing": dict(self.postprocessing_extra),
+            "extra": dict(self.extra),
+        }
+
+    @torch.jit.ignore  # checkpoint I/O stays Python when the wrapper is scripted or traced
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"not a URA-Net checkpoint's extra state (expected format {CHECKPOINT_FORMAT})")
+        check_checkpoint_config(state.get("config", {}), self.network.config)
+        self.postprocessing_extra = dict(state.get("postprocessing") or {})
+        self.extra = dict(state.get("extra") or {})
+
+    @torch.jit.ignore  # checkpoint I/O stays Python when the wrapper is scripted or traced
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load a project checkpoint (``{"format": "ura_monai.uranet/1", "config", "state_dict", ...}``) or a
-        state dict of this wrapper.
+        """Load a checkpoint (:func:`ura_monai.networks.checkpoint.read_checkpoint` reads both formats).
 
-        A project checkpoint's weights go into the wrapped network (the frozen backbone, not stored, keeps its
-        pretrained weights), after checking that its architecture settings match the network's
-        (:func:`check_checkpoint_config`); its thresholds go into the ``image_threshold`` / ``pixel_threshold``
-        buffers.
+        Its weights go into the wrapped network after checking that its architecture settings match the
+        network's (:func:`~ura_monai.networks.checkpoint.check_checkpoint_config`); the frozen backbone keeps its
+        pretrained weights unless the state dict has them; its statistics go into the buffers. ``strict`` and
+        ``assign`` apply to state dicts that are no checkpoint (the noise-free wrapper's own keys).
         """
-        from ura_monai.networks.checkpoint import CHECKPOINT_FORMAT
-
-        if isinstance(state_dict, Mapping) and state_dict.get("format") == CHECKPOINT_FORMAT:
-            check_checkpoint_config(state_dict.get("config", {}), self.network.config)
-            missing, unexpected = self.network.load_trainable_state_dict(state_dict["state_dict"])
-            if strict and (missing or unexpected):
-                raise RuntimeError(f"checkpoint does not match the network: missing {missing}, unexpected {unexpected}")
-            post = state_dict.get("postprocessing") or {}
-            for key in ("image_threshold", "pixel_threshold"):
-                value = post.get(key)
+        if isinstance(state_dict, Mapping) and (EXTRA_STATE_KEY in state_dict or "format" in state_dict):
+            checkpoint = read_checkpoint(state_dict)
+            load_into(self.network, checkpoint)
+            post = dict(checkpoint["postprocessing"])
+            for key in POSTPROCESSING_KEYS:
+                value = post.pop(key, None)
                 getattr(self, key).fill_(math.nan if value is None else float(value))
-            return nn.modules.module._IncompatibleKeys(missing, unexpected)
+            self.postprocessing_extra, self.extra = post, dict(checkpoint["extra"])
+            return nn.modules.module._IncompatibleKeys([], [])
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+
+class _ScriptableMaps(nn.Module):
+    """TorchScript shell around the traced :class:`URANetExport` (stacked maps)."""
+
+    def __init__(self, traced: nn.Module) -> None:
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.traced(images)
+
+
+class _ScriptableTuple(nn.Module):
+    """TorchScript shell around the traced :class:`URANetExport` (maps and score)."""
+
+    def __init__(self, traced: nn.Module) -> None:
+        super().__init__()
+        self.traced = traced
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.traced(images)

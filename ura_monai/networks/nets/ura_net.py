@@ -14,13 +14,14 @@ from ura_monai.networks.blocks.fasm import CORRUPTIONS, MASK_TYPES, FeatureAnoma
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
+from ura_monai.utils.enums import MapSource, Residual
 
 LEVEL_SCALE_KEY = "feature_extractor.level_scale"
 
 __all__ = ["URANet"]
 
-MAP_SOURCES = ("prototype", "restoration", "restored", "perception")
-RESIDUALS = ("l2", "cosine")
+MAP_SOURCES = MapSource.choices()
+RESIDUALS = Residual.choices()
 
 
 class URANet(nn.Module):
