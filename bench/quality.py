@@ -27,7 +27,8 @@ import torch
 
 from ura_monai.data import build_datalist
 from ura_monai.engines.features import extract_feature_bank
-from ura_monai.engines.workflow import _loader, compute_thresholds, fit, run_inference, split_normal_validation
+from ura_monai.engines.loaders import image_loader
+from ura_monai.engines.workflow import compute_thresholds, fit, run_inference, split_normal_validation
 from ura_monai.metrics import AnomalyDetectionMetric
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
@@ -56,7 +57,7 @@ def quality_metrics(scores, labels, maps, masks, uncertainty=None, image_thresho
 
 def test_masks(test_items, args) -> torch.Tensor:
     """Ground-truth masks (N, 1, H, W) of the test items, in the order and size every output below has."""
-    return torch.cat([batch["mask"] > 0.5 for batch in _loader(test_items, args.image_size, 8, 0)])
+    return torch.cat([batch["mask"] > 0.5 for batch in image_loader(test_items, args.image_size, 8, 0)])
 
 
 def threshold_items(train_items, args) -> list:
@@ -79,7 +80,7 @@ def nearest_neighbour_reference(train_items, test_items, masks, args, device, su
     fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
     start = time.perf_counter()
     extractor = PretrainedFeatureExtractor(args.backbone, image_size=args.image_size).to(device)
-    bank = extract_feature_bank(extractor, _loader(fit_items, args.image_size, 8, 0), device, args.augment, progress=False)
+    bank = extract_feature_bank(extractor, image_loader(fit_items, args.image_size, 8, 0), device, args.augment, progress=False)
     if equalize_levels:
         bank = extractor.fit_level_scale(bank.to(device))
     memory = bank.permute(0, 2, 3, 1).reshape(-1, bank.shape[1]).to(device)
@@ -89,7 +90,7 @@ def nearest_neighbour_reference(train_items, test_items, masks, args, device, su
 
     def score(items):
         scores, maps = [], []
-        for batch in _loader(items, args.image_size, 8, 0):
+        for batch in image_loader(items, args.image_size, 8, 0):
             feats = extractor(batch["image"].to(device))
             b, c, h, w = feats.shape
             queries = feats.permute(0, 2, 3, 1).reshape(-1, c)

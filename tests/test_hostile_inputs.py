@@ -470,14 +470,14 @@ def test_huge_image_and_memory_error_fail_only_their_file(trained, tmp_path, mon
     _png(folder / "b_huge.png", size=128)
     _png(folder / "c_white.png", value=255)
     _png(folder / "d_small.png", seed=5)
-    real_forward = URANetPredictor._forward
+    real_forward = URANetPredictor.run_network
 
     def forward(self, images):  # a white image exhausts memory (standing in for an image too large for the machine)
         if bool((images.flatten(1).mean(1) > 0.99).any()):
             raise MemoryError("out of memory")
         return real_forward(self, images)
 
-    monkeypatch.setattr(URANetPredictor, "_forward", forward)
+    monkeypatch.setattr(URANetPredictor, "run_network", forward)
     assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", str(folder), "--output", str(tmp_path / "out"), *QUIET]) == 0
     rows = {Path(r["path"]).name: r for r in _read_csv(tmp_path / "out" / "scores.csv")}
     assert "megapixels" in rows["b_huge.png"]["error"] and "MemoryError" in rows["c_white.png"]["error"]

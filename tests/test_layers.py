@@ -37,13 +37,7 @@ KNOWN_LAYER_VIOLATIONS = {
     ("ura_monai/engines/workflow.py", "ura_monai.inference.writers"),
     ("ura_monai/handlers/metrics_writer.py", "ura_monai.inference.writers"),
 }
-# bench/quality.py imports engines/workflow.py's _loader (a public data-loader builder belongs in engines);
-# inference/writers.py imports two helpers of transforms/postprocess.py (to be made public there when writers.py moves)
-KNOWN_PRIVATE_IMPORTS = {
-    ("bench/quality.py", "ura_monai.engines.workflow", "_loader"),
-    ("ura_monai/inference/writers.py", "ura_monai.transforms.postprocess", "_image_to_rgb"),
-    ("ura_monai/inference/writers.py", "ura_monai.transforms.postprocess", "_single_channel"),
-}
+KNOWN_PRIVATE_IMPORTS: set[tuple[str, str, str]] = set()
 
 
 def _layer(module: str) -> int | None:

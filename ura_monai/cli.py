@@ -89,7 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    # ---- fit
+    _add_fit_command(sub, common)
+    _add_test_command(sub, common)
+    _add_predict_command(sub, common)
+    _add_predict_dicom_command(sub, common)
+    _add_demo_command(sub, common)
+    return parser
+
+
+def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai fit``: train on normal images."""
     p = sub.add_parser("fit", parents=[common], help="train on normal images and write model.pt with thresholds",
                        description="Train URA-Net on the normal training images of a dataset; thresholds come from held-out normal images.")
     _add_data_arguments(p)
@@ -116,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_fit)
 
-    # ---- test
+
+def _add_test_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai test``: evaluate a checkpoint on a labelled test split."""
     p = sub.add_parser("test", parents=[common], help="evaluate a checkpoint on a labelled test split",
                        description="Evaluate a checkpoint: writes metrics.json, per_image.csv, roc_curve.png and maps/*.png.")
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
@@ -131,42 +142,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_test)
 
-    # ---- predict
+
+def _add_predict_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai predict``: maps and scores for image files."""
     p = sub.add_parser("predict", parents=[common], help="anomaly maps and scores for image files",
                        description="Predict image files (a file, or a folder searched recursively). Per image: "
                        "<stem>_overlay.png, <stem>_anomaly_map.npy, <stem>_uncertainty.npy, <stem>_uncertainty.png; "
                        "and scores.csv for the run. Unreadable files get an error row and are skipped.")
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
-    p.add_argument("--input", required=True, metavar="FILE_OR_DIR", help="an image file or a folder of images")
-    p.add_argument("--output", required=True, metavar="DIR", help="new or empty output folder (not an input folder)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_prediction_paths(p, "FILE_OR_DIR", "an image file or a folder of images", "not an input folder")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
-    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
+    _add_uncertainty_samples(p)
     p.set_defaults(func=_cmd_predict)
 
-    # ---- predict-dicom
+
+def _add_predict_dicom_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai predict-dicom``: maps and scores for every series of a DICOM folder."""
     p = sub.add_parser("predict-dicom", parents=[common], help="anomaly maps and scores for every series of a DICOM folder",
                        description="Scan a DICOM folder tree (headers only), run URA-Net slice by slice on every image "
                        "series and write, per series under OUTPUT/<series UID>/: NIfTI anomaly and uncertainty maps "
                        "with the source geometry, a DICOM Parametric Map and SEG referencing the source (with the "
                        "dicom extra), report.json; and OUTPUT/results.csv with one row per series and skipped file.")
-    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
-    p.add_argument("--input", required=True, metavar="DIR", help="DICOM folder (searched recursively)")
-    p.add_argument("--output", required=True, metavar="DIR", help="new or empty output folder (not inside the input folder)")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    _add_prediction_paths(p, "DIR", "DICOM folder (searched recursively)", "not inside the input folder")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per batch (default 16)")
     p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slicing axis of the volume (default 0: the acquired slices / B-scans)")
     p.add_argument("--aggregation", choices=VolumeAggregation.choices(), default="max", help="volume score from slice scores (default max)")
     p.add_argument("--top-k", type=_positive_int, default=5, help="most anomalous slices listed per series (default 5)")
     p.add_argument("--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)")
-    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
+    _add_uncertainty_samples(p)
     p.set_defaults(func=_cmd_predict_dicom)
 
-    # ---- demo
+
+def _add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
+    """``ura-monai demo``: synthetic data, fit, test and predict."""
     p = sub.add_parser("demo", parents=[common], help="synthetic dataset -> fit -> test -> predict, in about a minute",
                        description="End-to-end example: writes a small synthetic MVTec-like dataset to OUTPUT/data, trains "
                        "(OUTPUT/model), evaluates (OUTPUT/test) and predicts the test images (OUTPUT/predictions). "
@@ -178,7 +185,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the training (default 0)")
     p.set_defaults(func=_cmd_demo)
-    return parser
+
+
+def _add_prediction_paths(p: argparse.ArgumentParser, input_metavar: str, input_help: str, output_rule: str) -> None:
+    """``--checkpoint``, ``--input``, ``--output``, ``--overwrite`` and ``--device`` of the predict commands."""
+    p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
+    p.add_argument("--input", required=True, metavar=input_metavar, help=input_help)
+    p.add_argument("--output", required=True, metavar="DIR", help=f"new or empty output folder ({output_rule})")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def _add_uncertainty_samples(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
+                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
@@ -235,27 +255,6 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def _list_input_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` to predict (recursive, sorted), without hidden files / folders and OS clutter.
-
-    Non-image files are kept: :meth:`URANetPredictor.predict_files` gives them an error row, so that the
-    table says what was not predicted and why. So are FIFOs, devices, dangling links and link loops (their row
-    says which; they are never opened); an unreadable sub-folder gets a warning.
-    """
-    from ura_monai.utils.paths import list_input_files
-
-    skipped: list[tuple[str, str]] = []
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # reported below: as rows of scores.csv, or as one warning per folder
-        files = list_input_files(folder, skipped=skipped)
-    for path, reason in skipped:
-        if reason.startswith("unreadable folder"):
-            logger.warning("skipping %s: %s", path, reason)
-        else:
-            files.append(Path(path))
-    return sorted(files)
 
 
 def _safe_name(text: str) -> str:
@@ -374,7 +373,8 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ura_monai.data import IMAGE_EXTENSIONS
-    from ura_monai.inference.predictor import SCORES_CSV_NAME, URANetPredictor
+    from ura_monai.inference.image_inference import SCORES_CSV_NAME, list_prediction_inputs
+    from ura_monai.inference.predictor import URANetPredictor
 
     device = _device(args.device)
     source = Path(args.input).expanduser()
@@ -386,7 +386,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
         raise CLIError(f"input {source} is {special_file_reason(source) or 'not a file or folder'}")
     if source.is_dir():
-        files = _list_input_files(source)
+        files = list_prediction_inputs(source)
         if not files:
             raise CLIError(f"no files found in input folder {source}")
         if not any(f.suffix.lower() in IMAGE_EXTENSIONS for f in files):
@@ -427,7 +427,8 @@ def _cmd_predict_dicom(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ura_monai.data import build_datalist, make_demo_dataset
     from ura_monai.engines.workflow import fit
-    from ura_monai.inference.predictor import SCORES_CSV_NAME, URANetPredictor
+    from ura_monai.inference.image_inference import SCORES_CSV_NAME
+    from ura_monai.inference.predictor import URANetPredictor
 
     start = time.perf_counter()
     device = _device(args.device)

@@ -7,7 +7,7 @@ or path. The functions return what they checked (normalized), so a config can us
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -87,14 +87,20 @@ def check_preset(preset: Mapping[str, Any] | None) -> dict[str, Any]:
     return out
 
 
+def _required_path(value: Any, key: str, placeholder: str, exists: Callable[[Path], bool], missing: str) -> Path:
+    """``value`` as a path (``~`` expanded) when set and ``exists``; else ValueError / FileNotFoundError naming
+    ``key`` (``missing`` is the message's tail, ``{path}`` replaced)."""
+    if _unset(value):
+        raise ValueError(f"{key} is not set: pass --{key} {placeholder}")
+    path = Path(os.path.expanduser(str(value)))
+    if not exists(path):
+        raise FileNotFoundError(f"{key} not found: " + missing.format(path=path))
+    return path
+
+
 def check_dataset_dir(dataset_dir: Any, key: str = "dataset_dir") -> Path:
     """The dataset folder; fails naming ``key`` when it is not set or not a folder."""
-    if _unset(dataset_dir):
-        raise ValueError(f"{key} is not set: pass --{key} <dataset folder>")
-    path = Path(os.path.expanduser(str(dataset_dir)))
-    if not path.is_dir():
-        raise FileNotFoundError(f"{key} not found: {path} is not a folder")
-    return path
+    return _required_path(dataset_dir, key, "<dataset folder>", Path.is_dir, "{path} is not a folder")
 
 
 def check_category(category: Any, layout: str, dataset_dir: str | os.PathLike | None = None, key: str = "category") -> str | None:
@@ -117,12 +123,7 @@ def check_category(category: Any, layout: str, dataset_dir: str | os.PathLike | 
 
 def check_checkpoint(path: Any, key: str = "ckpt_path") -> Path:
     """An existing checkpoint file; fails naming ``key`` and the path."""
-    if _unset(path):
-        raise ValueError(f"{key} is not set: pass --{key} <model.pt>")
-    file = Path(os.path.expanduser(str(path)))
-    if not file.is_file():
-        raise FileNotFoundError(f"{key} not found: {file} (train first, or pass --{key} <model.pt>)")
-    return file
+    return _required_path(path, key, "<model.pt>", Path.is_file, f"{{path}} (train first, or pass --{key} <model.pt>)")
 
 
 def check_training_config(preset: Mapping[str, Any] | None, dataset_dir: Any, category: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 
 from ura_monai.data import build_datalist, folder_datalist, verify_image_file
 from ura_monai.engines.workflow import split_normal_validation
-from ura_monai.utils.paths import list_input_files as safe_list_input_files
+from ura_monai.inference.image_inference import list_prediction_inputs
 
 __all__ = ["training_splits", "test_datalist", "list_input_files", "oct_abnormal_validation"]
 
@@ -106,19 +106,17 @@ def test_datalist(layout: str, dataset_dir: str | os.PathLike, category: str | N
 
 
 def list_input_files(input_dir: str | os.PathLike) -> list[str]:
-    """Every file under ``input_dir`` (recursive, sorted), without hidden files and folders or OS clutter
-    (:func:`ura_monai.utils.paths.list_input_files`).
+    """Every file under ``input_dir`` to predict (recursive, sorted; :func:`ura_monai.inference.image_inference.
+    list_prediction_inputs`: without hidden files and folders or OS clutter), as strings.
 
-    Files that are not images are kept: :meth:`ura_monai.inference.predictor.URANetPredictor.predict_files` gives
-    them an error row in ``scores.csv``, so the table says what was not predicted and why.
+    Files that are not images are kept: :func:`ura_monai.inference.image_inference.predict_files` gives them an
+    error row in ``scores.csv``, so the table says what was not predicted and why.
+
+    Raises:
+        ValueError: ``input_dir`` holds no file.
     """
     root = Path(input_dir).expanduser()
-    # FIFOs, devices, dangling links and link loops are listed too: predict_files gives them an error row naming
-    # the problem without opening them; unreadable sub-folders are warned about by list_input_files
-    skipped: list[tuple[str, str]] = []
-    paths = safe_list_input_files(root, skipped=skipped)
-    paths += [Path(p) for p, reason in skipped if not reason.startswith("unreadable folder")]
-    files = [str(p) for p in sorted(paths)]
+    files = [str(p) for p in list_prediction_inputs(root)]
     if not files:
         raise ValueError(f"input_dir {root} holds no files")
     return files

@@ -34,10 +34,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, UnidentifiedImageError
-
-from ura_monai.data.transforms import stored_size, image_size_reason
-from ura_monai.utils.paths import SkippedFileWarning, is_ignored_name, list_input_files, special_file_reason
+from ura_monai.data.image_files import IMAGE_EXTENSIONS, MASK_EXTENSIONS, image_extension_reason, verify_image_file
+from ura_monai.data.transforms import stored_size
+from ura_monai.utils.paths import SkippedFileWarning, is_ignored_name, list_input_files
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -55,63 +54,10 @@ logger = logging.getLogger("ura_monai.data")
 
 PathLike = str | Path
 
-IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
-MASK_EXTENSIONS: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-_TIFF_EXTENSIONS = (".tif", ".tiff")
 _OCT_CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 
 
 # --------------------------------------------------------------------------- file checks
-
-
-def verify_image_file(path: PathLike) -> str | None:
-    """Check that ``path`` is an image file that decodes completely.
-
-    The image is decoded in full because ``PIL.Image.verify`` does not notice a
-    truncated JPEG; this costs a few milliseconds per 512x512 image.
-
-    Args:
-        path: file to check.
-
-    Returns:
-        None when the file is a readable image, else a short reason why not.
-    """
-    path = Path(path)
-    special = special_file_reason(path)
-    if special is not None:  # checked before any open: a FIFO would block the reader forever
-        return special
-    bad_extension = _extension_reason(path)
-    if bad_extension is not None:
-        return bad_extension
-    too_large = image_size_reason(path)
-    if too_large is not None:
-        return too_large
-    try:
-        if path.stat().st_size == 0:
-            return "empty file"
-    except OSError as err:
-        return f"cannot stat file: {err}"
-    tiff_error = None
-    if path.suffix.lower() in _TIFF_EXTENSIONS:
-        # tifffile reads 16-bit / float TIFFs that PIL cannot; PIL stays the fallback
-        try:
-            import tifffile
-
-            tifffile.imread(path)
-            return None
-        except ImportError:
-            pass
-        except Exception as err:  # noqa: BLE001 - any tifffile failure means "try PIL"
-            tiff_error = f"{type(err).__name__}: {err}"
-    try:
-        with Image.open(path) as img:
-            img.load()  # full decode: catches truncation that verify() misses
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
-        reason = f"cannot decode image: {type(err).__name__}: {err}"
-        if tiff_error:
-            reason += f" (tifffile: {tiff_error})"
-        return reason
-    return None
 
 
 def _report_skip(path: Path, reason: str, skipped: list | None) -> None:
@@ -139,19 +85,12 @@ def _list_images(folder: Path, skipped: list | None, verify: bool) -> list[Path]
         _report_skip(folder, f"unreadable folder: {err.strerror or err}", skipped)
         return []
     for path in files:
-        reason = verify_image_file(path) if verify else _extension_reason(path)
+        reason = verify_image_file(path) if verify else image_extension_reason(path)
         if reason is None:
             images.append(path)
         else:
             _report_skip(path, reason, skipped)
     return images
-
-
-def _extension_reason(path: Path) -> str | None:
-    suffix = path.suffix.lower()
-    if suffix in IMAGE_EXTENSIONS:
-        return None
-    return f"not an image file (extension {suffix or '<none>'!r} is not one of {', '.join(IMAGE_EXTENSIONS)})"
 
 
 def _require_dir(folder: Path, what: str) -> Path:
@@ -405,39 +344,49 @@ def oct2017_datalist(
     """
     split = _check_split(split)
     root = _require_dir(Path(root).expanduser(), "OCT2017 root")
-    category = "oct2017"
-
-    def class_items(folder: Path) -> list[dict[str, Any]]:
-        is_normal = folder.name.upper() == "NORMAL"
-        label, defect = (0, "good") if is_normal else (1, folder.name)
-        return [_item(p, label, category, defect) for p in _list_images(folder, skipped, verify)]
-
     split_dir = _child_dir(root, "train")
-    if split_dir is not None:  # released layout
-        if split == "train":
-            normal_dir = _child_dir(split_dir, "NORMAL")
-            if normal_dir is None:
-                raise FileNotFoundError(f"OCT2017 train NORMAL folder not found: {split_dir / 'NORMAL'}")
-            items = class_items(normal_dir)
-            _require_images(items, normal_dir, "OCT2017 train NORMAL folder")
-            if num_train_normal is not None:
-                items = items[: _checked_count(num_train_normal, len(items), normal_dir)]
-            return items
-        test_dir = _child_dir(root, "test")
-        if test_dir is None:
-            raise FileNotFoundError(f"OCT2017 test folder not found: {root / 'test'}")
-        items = [it for folder in _subdirs(test_dir) for it in class_items(folder)]
-        _require_images(items, test_dir, "OCT2017 test folder")
-        return items
+    if split_dir is not None:
+        return _oct_released_split(root, split_dir, split, num_train_normal, skipped, verify)
+    return _oct_flat_split(root, split, num_train_normal, skipped, verify)
 
-    # flat layout: class folders directly under root
+
+def _oct_class_items(folder: Path, skipped: list | None, verify: bool) -> list[dict[str, Any]]:
+    """The images of one OCT-2017 class folder: NORMAL label 0 ("good"), any other label 1 (its folder name)."""
+    is_normal = folder.name.upper() == "NORMAL"
+    label, defect = (0, "good") if is_normal else (1, folder.name)
+    return [_item(p, label, "oct2017", defect) for p in _list_images(folder, skipped, verify)]
+
+
+def _oct_released_split(root: Path, split_dir: Path, split: str, num_train_normal: int | None, skipped: list | None,
+                        verify: bool) -> list[dict[str, Any]]:
+    """A split of the released OCT-2017 layout (``train/NORMAL`` and ``test/<CLASS>`` folders)."""
+    if split == "train":
+        normal_dir = _child_dir(split_dir, "NORMAL")
+        if normal_dir is None:
+            raise FileNotFoundError(f"OCT2017 train NORMAL folder not found: {split_dir / 'NORMAL'}")
+        items = _oct_class_items(normal_dir, skipped, verify)
+        _require_images(items, normal_dir, "OCT2017 train NORMAL folder")
+        if num_train_normal is not None:
+            items = items[: _checked_count(num_train_normal, len(items), normal_dir)]
+        return items
+    test_dir = _child_dir(root, "test")
+    if test_dir is None:
+        raise FileNotFoundError(f"OCT2017 test folder not found: {root / 'test'}")
+    items = [it for folder in _subdirs(test_dir) for it in _oct_class_items(folder, skipped, verify)]
+    _require_images(items, test_dir, "OCT2017 test folder")
+    return items
+
+
+def _oct_flat_split(root: Path, split: str, num_train_normal: int | None, skipped: list | None,
+                    verify: bool) -> list[dict[str, Any]]:
+    """A split of a flat OCT-2017 root (class folders directly under it): the first NORMAL files train."""
     normal_dir = _child_dir(root, "NORMAL")
     if normal_dir is None:
         raise FileNotFoundError(
             f"OCT2017 folder not found: {root} has neither train/ nor NORMAL/ "
             f"(expected train/ and test/, or {'/ '.join(_OCT_CLASSES)}/)"
         )
-    normal_items = class_items(normal_dir)
+    normal_items = _oct_class_items(normal_dir, skipped, verify)
     _require_images(normal_items, normal_dir, "OCT2017 NORMAL folder")
     n_train = max(1, len(normal_items) // 2) if num_train_normal is None else num_train_normal
     n_train = _checked_count(n_train, len(normal_items), normal_dir)
@@ -446,7 +395,7 @@ def oct2017_datalist(
     items = normal_items[n_train:]
     for folder in _subdirs(root):
         if folder != normal_dir:
-            items += class_items(folder)
+            items += _oct_class_items(folder, skipped, verify)
     _require_images(items, root, "OCT2017 test split of")
     return items
 

@@ -43,6 +43,7 @@ __all__ = [
     "image_size_reason",
     "load_image_tensor",
     "read_image_array",
+    "stored_size",
 ]
 
 logger = logging.getLogger("ura_monai.data")

@@ -1,13 +1,35 @@
-"""Backbone feature caching: the backbone is frozen, so its features can be computed once per training view."""
+"""Backbone feature caching: the backbone is frozen, so its features can be computed once per training view and
+training runs on the cache. The one cached-feature path of ``workflow.fit`` and of the bundle's ``train.json``:
+
+- :func:`extract_feature_bank`: the frozen extractor over every image and augmented view, once;
+- :func:`fit_normal_statistics`: what the network takes from the cached normal features before training (level
+  scale, restoration prototypes), rank 0's values broadcast in distributed training;
+- :class:`FeatureBankDataset` (a cache as a dataset) and :class:`FeatureCacheDataset` (one built from a datalist).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["AUGMENTATIONS", "augmented_views", "extract_feature_bank"]
+from ura_monai.engines.loaders import image_loader
+from ura_monai.utils.distributed import unwrap
+
+__all__ = [
+    "AUGMENTATIONS",
+    "FeatureBankDataset",
+    "FeatureCacheDataset",
+    "augmented_views",
+    "broadcast_from_rank0_",
+    "extract_feature_bank",
+    "fit_normal_statistics",
+]
+
+logger = logging.getLogger("ura_monai")
 
 AUGMENTATIONS = ("none", "hflip", "dihedral")
 
@@ -66,3 +88,116 @@ def extract_feature_bank(
     if not bank:
         raise ValueError("no training images to extract features from")
     return torch.cat(bank)
+
+
+def broadcast_from_rank0_(tensor: torch.Tensor) -> None:
+    """Copy rank 0's values of ``tensor`` into every rank's (in place); a no-op when not distributed. NCCL needs
+    the data on the GPU."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_backend() == "nccl":
+        buffer = tensor.detach().to(torch.device("cuda", torch.cuda.current_device())).contiguous()
+    else:
+        buffer = tensor.detach().cpu().contiguous()
+    torch.distributed.broadcast(buffer, src=0)
+    with torch.no_grad():
+        tensor.copy_(buffer.to(tensor.device))
+
+
+def fit_normal_statistics(network: torch.nn.Module, bank: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``URANet.fit_normal_statistics`` on a feature cache (level scale and prototypes), then rank 0's fitted
+    values broadcast to every rank, so that all ranks train the same network.
+
+    Args:
+        network: the URANet (or a DDP / DataParallel wrapper of it).
+        bank: cached normal features (N, C, h, w), on the device the statistics are fitted on.
+        generator: the prototype draw's generator.
+
+    Returns:
+        ``bank`` under the fitted level scale (the cache to train on).
+    """
+    model = unwrap(network)
+    bank = model.fit_normal_statistics(bank, generator)
+    broadcast_from_rank0_(model.feature_extractor.level_scale)
+    ram = getattr(model, "ram", None)
+    if ram is not None:
+        broadcast_from_rank0_(ram.prototypes)
+    return bank
+
+
+class FeatureBankDataset(torch.utils.data.Dataset):
+    """Cached backbone features as ``{"features": (C, h, w)}`` items, for ``URANetTrainer``.
+
+    Attributes:
+        bank: float32 tensor (N x views, C, h, w).
+    """
+
+    def __init__(self, bank: torch.Tensor) -> None:
+        self.bank = bank
+
+    @property
+    def positions(self) -> int:
+        """Number of cached feature positions (``URANetLoss``'s ``dataset_positions``)."""
+        return int(self.bank.shape[0] * self.bank.shape[-2] * self.bank.shape[-1])
+
+    def __len__(self) -> int:
+        return self.bank.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"features": self.bank[index]}
+
+
+class FeatureCacheDataset(FeatureBankDataset):
+    """The cached backbone features of a datalist, as ``{"features": (C, h, w)}`` items, for ``URANetTrainer``.
+
+    URA-Net's backbone is frozen, so its features are computed once per image and training view (``augment``)
+    when the dataset is built, and training runs on the cache. Building the dataset also fits what the network
+    takes from the cached normal features (:func:`fit_normal_statistics`: level scale and restoration
+    prototypes), which must happen before training; in distributed training every rank caches every image (the
+    feature sampler then shards the cache) and rank 0's statistics are broadcast.
+
+    Memory: ``len(data) x views x C x (image_size / 8)^2 x 4`` bytes (C = 176 for EfficientNet-Lite0: about
+    0.7 MB per image and view at 256 x 256).
+
+    Args:
+        network: the URANet (or a DDP wrapper of it).
+        data: datalist of normal training images (``{"image": path, ...}``).
+        image_size: square size images are resized to.
+        augment: cached views, ``none``, ``hflip`` or ``dihedral`` (see :func:`augmented_views`).
+        channels: how images are loaded (None as stored, 1 grey, 3 RGB).
+        batch_size: images per backbone pass.
+        device: where the backbone runs.
+        num_workers: image-decoding workers.
+        amp: autocast on CUDA.
+        init_prototypes: fit the level scale and the prototypes from the cache (``False``: keep the network's).
+        seed: seed of the prototype draw.
+        progress: show a progress bar.
+
+    Attributes:
+        bank: float32 CPU tensor (N x views, C, h, w).
+        positions: number of cached feature positions (``URANetLoss``'s ``dataset_positions``).
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        data: Sequence[dict[str, Any]],
+        image_size: int = 256,
+        augment: str = "none",
+        channels: int | None = None,
+        batch_size: int = 8,
+        device: str | torch.device = "cpu",
+        num_workers: int = 0,
+        amp: bool = False,
+        init_prototypes: bool = True,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        if not data:
+            raise ValueError("no training images to cache features of")
+        model = unwrap(network)
+        loader = image_loader(data, image_size, batch_size, num_workers, channels)
+        super().__init__(extract_feature_bank(model.feature_extractor, loader, device, augment, amp, progress))
+        if init_prototypes:
+            self.bank = fit_normal_statistics(model, self.bank, torch.Generator().manual_seed(seed))
+        logger.info("cached features of %d images (%d views): %s", len(data), self.bank.shape[0] // len(data), tuple(self.bank.shape))

@@ -8,11 +8,9 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
+from ura_monai.utils.distributed import unwrap
+
 __all__ = ["URANetTrainer"]
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return getattr(network, "module", network)  # DistributedDataParallel keeps the model in .module
 
 
 class URANetTrainer(SupervisedTrainer):
@@ -36,7 +34,7 @@ class URANetTrainer(SupervisedTrainer):
     def _iteration(self, engine: URANetTrainer, batchdata: dict[str, torch.Tensor]) -> dict:
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
-        model = _unwrap(engine.network)
+        model = unwrap(engine.network)
         device = engine.state.device
         if "features" in batchdata:
             features = batchdata["features"].to(device, non_blocking=engine.non_blocking)

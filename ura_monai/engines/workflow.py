@@ -14,13 +14,12 @@ import torch
 from ignite.engine import Events
 from ignite.handlers import Checkpoint
 from ignite.handlers.tqdm_logger import ProgressBar
-from monai.data import DataLoader, Dataset
 from monai.utils import set_determinism
-from torch.utils.data import Dataset as TorchDataset
 
-from ura_monai.data import anomaly_transforms
 from ura_monai.engines.evaluator import URANetEvaluator
-from ura_monai.engines.features import extract_feature_bank
+from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
+from ura_monai.engines.loaders import image_loader
+from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.utils.fileio import atomic_torch_save, atomic_write_text
 from ura_monai.utils.paths import mark_output_dir
@@ -29,23 +28,19 @@ from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
+from ura_monai.utils.distributed import unwrap
 
-__all__ = ["fit", "test", "run_inference", "compute_thresholds", "split_normal_validation", "training_channels", "FeatureBankDataset"]
+__all__ = [
+    "FeatureBankDataset",
+    "compute_thresholds",
+    "fit",
+    "run_inference",
+    "split_normal_validation",
+    "test",
+    "training_channels",
+]
 
 logger = logging.getLogger("ura_monai")
-
-
-class FeatureBankDataset(TorchDataset):
-    """Cached backbone features as ``{"features": (C, h, w)}`` items."""
-
-    def __init__(self, bank: torch.Tensor) -> None:
-        self.bank = bank
-
-    def __len__(self) -> int:
-        return self.bank.shape[0]
-
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return {"features": self.bank[index]}
 
 
 class _GeneratorState:
@@ -120,13 +115,6 @@ def split_normal_validation(items: Sequence[dict], fraction: float, seed: int) -
     return train, val
 
 
-def _loader(items: Sequence[dict], image_size: int, batch_size: int, num_workers: int, channels: int | None = None,
-            warn_conversion: bool = False) -> DataLoader:
-    transform = anomaly_transforms(image_size, augment=False, channels=channels, warn_conversion=warn_conversion)
-    dataset = Dataset(list(items), transform=transform)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-
-
 def run_inference(
     model: URANet,
     items: Sequence[dict],
@@ -150,7 +138,7 @@ def run_inference(
     device = torch.device(device)
     evaluator = URANetEvaluator(
         device=device,
-        val_data_loader=_loader(items, image_size, batch_size, num_workers, channels, warn_conversion),
+        val_data_loader=image_loader(items, image_size, batch_size, num_workers, channels, warn_conversion),
         network=model.to(device),
         num_samples=num_samples,
         amp=amp,
@@ -194,7 +182,7 @@ def compute_thresholds(
     """Image and pixel thresholds from held-out normal images (``normal_postprocessing_stats`` of their scores
     and maps), with the uncertainty passes off: they do not change the map. ``network`` may be DDP-wrapped; its
     train/eval mode is restored."""
-    model = getattr(network, "module", network)
+    model = unwrap(network)
     was_training = model.training
     _, outputs = run_inference(model, data, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False, channels=channels)
     model.train(was_training)
@@ -254,74 +242,67 @@ def fit(
     set_determinism(seed)
     device = torch.device(device)
     output_dir = mark_output_dir(output_dir, "fit")  # so that the output-folder rule knows it as a fit run
+    fit_items, val_items, channels = _fit_and_threshold_items(train_items, val_fraction, seed)
+    model = URANet(image_size=image_size, **(model_kwargs or {})).to(device)
+    run_config = {"image_size": image_size, "augment": augment, "seed": seed, "batch_size": batch_size, "channels": channels,
+                  "model": {k: v for k, v in model.config.items() if k not in ("num_samples", "backbone_weights")}}
+    saved = _saved_train_state(output_dir, resume, run_config, device)
+    dataset = FeatureCacheDataset(
+        model, fit_items, image_size, augment, channels, batch_size, device, num_workers, amp, init_prototypes=False, progress=progress
+    )
+    # one generator for the prototype draw, then the shuffling and FASM (it is saved with the training state)
+    generator = torch.Generator().manual_seed(seed)
+    dataset.bank = fit_normal_statistics(model, dataset.bank.to(device), generator).cpu()
+    losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs, learning_rate=learning_rate,
+                    weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress, tensorboard=tensorboard)
+    train_seconds = time.perf_counter() - start
+
+    # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
+    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp)
+    extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
+             "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2)}
+    checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
+    logger.info("wrote %s", checkpoint)
+    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model}
+
+
+def _fit_and_threshold_items(train_items: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict], int]:
+    """``(images to train on, images to set thresholds with, channel count)`` of a run's training images."""
     if not train_items:
         raise ValueError("no training images")
     fit_items, val_items = split_normal_validation(train_items, val_fraction, seed)
     if not val_items:
         logger.warning("fewer than 5 training images: thresholds come from the training images themselves")
         val_items = fit_items
-    # one channel count for every image of the run (a grey image among RGB ones would not batch); stored below
-    channels = training_channels(train_items)
+    # one channel count for every image of the run (a grey image among RGB ones would not batch); stored in the checkpoint
+    return fit_items, val_items, training_channels(train_items)
 
-    model = URANet(image_size=image_size, **(model_kwargs or {})).to(device)
-    run_config = {"image_size": image_size, "augment": augment, "seed": seed, "batch_size": batch_size, "channels": channels,
-                  "model": {k: v for k, v in model.config.items() if k not in ("num_samples", "backbone_weights")}}
-    state_dir = output_dir / "train_state"
-    state_path = state_dir / TRAIN_STATE_NAME
-    saved_state = None
-    if resume:
-        candidates = [state_path] if state_path.is_file() else _train_states(state_dir)[-1:]
-        if candidates:
-            saved_state = torch.load(candidates[-1], map_location=device, weights_only=True)
-            _check_resumable(saved_state, run_config, candidates[-1])
-            saved_from = candidates[-1]
-        else:
-            logger.warning("--resume: no saved training state in %s; training starts at epoch 1", state_dir)
-    else:
-        # a fresh run: the state of an earlier run in this folder must never be resumed later in its place
-        for stale in [state_path, *_train_states(state_dir)]:
-            stale.unlink(missing_ok=True)
-        if (output_dir / "model.pt").exists():
-            logger.warning("replacing %s of an earlier run", output_dir / "model.pt")
-    bank = extract_feature_bank(
-        model.feature_extractor, _loader(fit_items, image_size, batch_size, num_workers, channels), device, augment, amp, progress
-    )
-    generator = torch.Generator().manual_seed(seed)
-    bank = model.fit_normal_statistics(bank.to(device), generator).cpu()
-    loader = torch.utils.data.DataLoader(
-        FeatureBankDataset(bank), batch_size=min(batch_size, len(bank)), shuffle=True, drop_last=len(bank) > batch_size, generator=generator
-    )
-    positions = bank.shape[0] * bank.shape[-1] * bank.shape[-2]
-    loss_function = URANetLoss(model.level_channels, dataset_positions=positions, **(loss_kwargs or {}))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
-    total_steps = max(1, epochs * len(loader))
-    # closed-form cosine decay over the *current* total, so a resumed run with more epochs decays correctly
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    trainer = URANetTrainer(
-        device=device, max_epochs=epochs, train_data_loader=loader, network=model, optimizer=optimizer,
-        loss_function=loss_function, amp=amp, generator=generator,
-    )
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
-    if progress:
-        ProgressBar(desc="train", persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
-    if tensorboard:
-        from monai.handlers import TensorBoardStatsHandler
 
-        TensorBoardStatsHandler(log_dir=str(output_dir / "runs"), output_transform=lambda out: {k: float(v) for k, v in out.items()}).attach(trainer)
-
-    # resumable state: everything needed to continue exactly where an interrupted run stopped, including
-    # the generator behind FASM draws and shuffling
+def _train(
+    model: URANet,
+    dataset: FeatureBankDataset,
+    generator: torch.Generator,
+    output_dir: Path,
+    run_config: dict[str, Any],
+    saved: tuple[dict[str, Any] | None, Path | None],
+    epochs: int,
+    learning_rate: float,
+    weight_decay: float,
+    device: torch.device,
+    amp: bool,
+    loss_kwargs: dict[str, Any] | None,
+    progress: bool,
+    tensorboard: bool,
+) -> dict[str, float]:
+    """Train on the cached features for ``epochs`` (continuing the ``saved`` state when there is one), saving the
+    training state after every epoch; returns the last epoch's loss terms."""
+    trainer, optimizer, scheduler = _trainer(
+        model, dataset, generator, epochs, run_config["batch_size"], learning_rate, weight_decay, device, amp, loss_kwargs
+    )
+    _attach_logging(trainer, output_dir, progress, tensorboard)
+    state_path = output_dir / "train_state" / TRAIN_STATE_NAME
     state = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer, "rng": _GeneratorState(generator)}
-
-    @trainer.on(Events.EPOCH_COMPLETED)
-    def _save_state(engine):
-        # one file, replaced atomically: a kill during the save leaves the previous epoch's state whole
-        atomic_torch_save(state_path, {"run_config": run_config, **{k: obj.state_dict() for k, obj in state.items()}})
-
-    if saved_state is not None:
-        Checkpoint.load_objects(state, saved_state)
-        trainer.state.max_epochs = epochs  # the saved state's max_epochs would make ignite restart a finished run
-        logger.info("resuming from %s (epoch %d)", saved_from, trainer.state.epoch)
+    _make_resumable(trainer, state, state_path, run_config, *saved, epochs)
     losses: dict[str, float] = {}
 
     @trainer.on(Events.EPOCH_COMPLETED)
@@ -331,21 +312,94 @@ def fit(
 
     if trainer.state.epoch < epochs:  # a finished run that is resumed is not trained again
         trainer.run()
-    for legacy in _train_states(state_dir):  # ignite-named states of an older version, now in train_state.pt
+    for legacy in _train_states(state_path.parent):  # ignite-named states of an older version, now in train_state.pt
         if state_path.is_file():
             legacy.unlink()
-    train_seconds = time.perf_counter() - start
+    return losses
 
-    # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
-    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp)
-    extra = {
-        "image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
-        "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items),
-        "fit_seconds": round(time.perf_counter() - start, 2),
-    }
-    checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
-    logger.info("wrote %s", checkpoint)
-    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model}
+
+def _make_resumable(trainer: URANetTrainer, state: dict[str, Any], state_path: Path, run_config: dict[str, Any],
+                    saved_state: dict[str, Any] | None, saved_from: Path | None, epochs: int) -> None:
+    """Save the training ``state`` after every epoch and, with ``saved_state``, continue from it.
+
+    The state is everything needed to continue exactly where an interrupted run stopped: network, optimizer,
+    schedule, trainer and the generator behind FASM draws and shuffling.
+    """
+
+    @trainer.on(Events.EPOCH_COMPLETED)
+    def _save_state(engine):
+        # one file, replaced atomically: a kill during the save leaves the previous epoch's state whole
+        atomic_torch_save(state_path, {"run_config": run_config, **{k: obj.state_dict() for k, obj in state.items()}})
+
+    if saved_state is not None:
+        schedule = state["scheduler"].lr_lambdas[0]
+        total_steps = schedule.total_steps
+        Checkpoint.load_objects(state, saved_state)
+        schedule.total_steps = total_steps  # decay over this run's total (more epochs may be asked), not the saved one
+        trainer.state.max_epochs = epochs  # the saved state's max_epochs would make ignite restart a finished run
+        logger.info("resuming from %s (epoch %d)", saved_from, trainer.state.epoch)
+
+
+def _saved_train_state(output_dir: Path, resume: bool, run_config: dict[str, Any], device: torch.device) -> tuple[dict[str, Any] | None, Path | None]:
+    """``(state, its path)`` to resume from, ``(None, None)`` for a fresh run.
+
+    With ``resume``: ``train_state/train_state.pt`` (or an older version's newest ignite-named state), checked
+    against ``run_config``. Without: an earlier run's states are deleted, so that they are never resumed later in
+    this run's place.
+    """
+    state_dir = output_dir / "train_state"
+    state_path = state_dir / TRAIN_STATE_NAME
+    if resume:
+        candidates = [state_path] if state_path.is_file() else _train_states(state_dir)[-1:]
+        if candidates:
+            saved_state = torch.load(candidates[-1], map_location=device, weights_only=True)
+            _check_resumable(saved_state, run_config, candidates[-1])
+            return saved_state, candidates[-1]
+        logger.warning("--resume: no saved training state in %s; training starts at epoch 1", state_dir)
+        return None, None
+    for stale in [state_path, *_train_states(state_dir)]:
+        stale.unlink(missing_ok=True)
+    if (output_dir / "model.pt").exists():
+        logger.warning("replacing %s of an earlier run", output_dir / "model.pt")
+    return None, None
+
+
+def _trainer(
+    model: URANet,
+    dataset: FeatureBankDataset,
+    generator: torch.Generator,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    weight_decay: float,
+    device: torch.device,
+    amp: bool,
+    loss_kwargs: dict[str, Any] | None,
+) -> tuple[URANetTrainer, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The trainer over the cached features (shuffled with ``generator``), with its AdamW optimizer and the cosine
+    schedule stepped every iteration."""
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=len(dataset) > batch_size, generator=generator
+    )
+    loss_function = URANetLoss(model.level_channels, dataset_positions=dataset.positions, **(loss_kwargs or {}))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineDecay(epochs * len(loader)))
+    trainer = URANetTrainer(
+        device=device, max_epochs=epochs, train_data_loader=loader, network=model, optimizer=optimizer,
+        loss_function=loss_function, amp=amp, generator=generator,
+    )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
+    return trainer, optimizer, scheduler
+
+
+def _attach_logging(trainer: URANetTrainer, output_dir: Path, progress: bool, tensorboard: bool) -> None:
+    """A progress bar with the loss, and the loss terms in TensorBoard under ``<output_dir>/runs``."""
+    if progress:
+        ProgressBar(desc="train", persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+    if tensorboard:
+        from monai.handlers import TensorBoardStatsHandler
+
+        TensorBoardStatsHandler(log_dir=str(output_dir / "runs"), output_transform=lambda out: {k: float(v) for k, v in out.items()}).attach(trainer)
 
 
 def test(

@@ -29,7 +29,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ from ura_monai.data.dicom import (
     iteration_shape,
     series_affine,
 )
+from ura_monai.inference.aggregation import aggregate_slice_scores, check_volume_aggregation
 from ura_monai.inference.dicom_writers import (
     DICOM_EXTRA_HINT,
     highdicom_available,
@@ -60,7 +61,6 @@ __all__ = ["SlicePredictor", "aggregate_slice_scores", "check_output_folder", "p
 logger = logging.getLogger(__name__)
 
 RESULTS_CSV_NAME = "results.csv"
-_AGGREGATIONS = ("max", "mean", "topk_mean")
 
 
 @runtime_checkable
@@ -78,31 +78,6 @@ class SlicePredictor(Protocol):
     image_threshold: float | None
 
     def __call__(self, images: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
-
-def aggregate_slice_scores(slice_scores: np.ndarray, aggregation: str = "max", top_k: int = 5) -> float:
-    """Aggregate per-slice anomaly scores into one volume score.
-
-    Args:
-        slice_scores: ``(slices,)`` scores.
-        aggregation: ``"max"``, ``"mean"``, or ``"topk_mean"`` (mean of the ``top_k`` highest:
-            less sensitive than max to one noisy slice, more than mean to a small lesion).
-        top_k: slices averaged by ``"topk_mean"``.
-
-    Returns:
-        the volume score.
-    """
-    if aggregation not in _AGGREGATIONS:
-        raise ValueError(f"volume_aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
-    scores = np.asarray(slice_scores, dtype=np.float64)
-    if scores.size == 0:
-        raise ValueError("no slice scores to aggregate")
-    if aggregation == "max":
-        return float(scores.max())
-    if aggregation == "mean":
-        return float(scores.mean())
-    k = max(1, min(int(top_k), scores.size))
-    return float(np.sort(scores)[-k:].mean())
 
 
 def check_output_folder(input_dir: str | os.PathLike[str], output_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -195,6 +170,135 @@ def _skipped_rows(skipped: list[SkippedFile], input_path: Path) -> list[dict[str
     ]
 
 
+class _RawMaps:
+    """The maps of one series as predicted, slice batch by slice batch, in raw float32 files of its staging folder
+    (iteration order), with their value ranges and the slice scores."""
+
+    def __init__(self, staging: Path, length: int) -> None:
+        self.anomaly_path, self.uncertainty_path = staging / ".anomaly_map.f32", staging / ".uncertainty_map.f32"
+        self.slice_scores = np.empty(length, dtype=np.float32)
+        self.anomaly_range = [np.inf, -np.inf]
+        self.uncertainty_range = [np.inf, -np.inf]
+        self.has_uncertainty = True
+
+    def remove(self) -> None:
+        self.anomaly_path.unlink(missing_ok=True)
+        self.uncertainty_path.unlink(missing_ok=True)
+
+
+def _predict_slices(
+    series: SeriesInfo,
+    staging: Path,
+    predictor: Callable[[torch.Tensor], dict[str, torch.Tensor]],
+    axis: int,
+    batch_size: int,
+    progress: bool,
+) -> _RawMaps:
+    """Run ``predictor`` over the series' slices along ``axis``; the maps go to raw files in ``staging``."""
+    from tqdm.auto import tqdm
+
+    length, height, width = iteration_shape(series, axis)
+    window = compute_intensity_window(series)
+    maps = _RawMaps(staging, length)
+    written = 0
+    with (
+        open(maps.anomaly_path, "wb") as anomaly_stream,
+        open(maps.uncertainty_path, "wb") as uncertainty_stream,
+        tqdm(total=length, desc=f"series {series.name[-12:]}", unit="slice", disable=not progress, leave=False) as bar,
+        torch.inference_mode(),
+    ):
+        for indices, images in iter_series_slices(series, batch_size, axis=axis, window=window, scratch_dir=staging):
+            if int(indices[0]) != written:  # the raw files are written in order
+                raise RuntimeError(f"slices arrived out of order at {int(indices[0])}")
+            count = len(indices)
+            outputs = predictor(torch.from_numpy(images))
+            anomaly = _to_numpy_maps(outputs["anomaly_map"], count, height, width, "anomaly_map")
+            anomaly_stream.write(anomaly.tobytes())
+            maps.anomaly_range = [min(maps.anomaly_range[0], float(anomaly.min())), max(maps.anomaly_range[1], float(anomaly.max()))]
+            uncertainty_value = outputs.get("uncertainty_map")
+            if uncertainty_value is None:
+                maps.has_uncertainty = False
+            elif maps.has_uncertainty:
+                uncertainty = _to_numpy_maps(uncertainty_value, count, height, width, "uncertainty_map")
+                uncertainty_stream.write(uncertainty.tobytes())
+                maps.uncertainty_range = [
+                    min(maps.uncertainty_range[0], float(uncertainty.min())),
+                    max(maps.uncertainty_range[1], float(uncertainty.max())),
+                ]
+            scores = torch.as_tensor(outputs["pred_score"]).detach().float().reshape(-1).cpu().numpy()
+            if scores.shape[0] != count:
+                raise ValueError(f"predictor returned {scores.shape[0]} scores for {count} slices")
+            maps.slice_scores[indices] = scores
+            written += count
+            bar.update(count)
+    return maps
+
+
+def _write_nifti_maps(series: SeriesInfo, staging: Path, maps: _RawMaps, axis: int) -> dict[str, str]:
+    """The anomaly (and uncertainty) map as NIfTI with the series geometry, streamed from the raw files."""
+    affine = series_affine(series)
+    shape_along_axis = iteration_shape(series, axis)
+    maps_to_write = [("anomaly_map", maps.anomaly_path, maps.anomaly_range, "URA-Net anomaly map")]
+    if maps.has_uncertainty:
+        maps_to_write.append(("uncertainty_map", maps.uncertainty_path, maps.uncertainty_range, "URA-Net uncertainty map"))
+    outputs_written: dict[str, str] = {}
+    for name, raw_path, value_range, description in maps_to_write:
+        slabs = _iter_volume_slabs(raw_path, axis, shape_along_axis)
+        write_nifti_slabs(staging / f"{name}.nii.gz", slabs, series.shape, affine, tuple(value_range), description)
+        outputs_written[f"{name}_nifti"] = f"{name}.nii.gz"
+    return outputs_written
+
+
+def _write_dicom_objects(
+    series: SeriesInfo, staging: Path, maps: _RawMaps, axis: int, pixel_threshold: float | None
+) -> tuple[dict[str, str], list[str]]:
+    """The DICOM Parametric Map and (with a threshold) SEG of the anomaly map: ``(files written, warnings)``.
+
+    Without highdicom, or when the source does not allow an object, a warning says what was not written.
+    """
+    outputs_written: dict[str, str] = {}
+    output_warnings: list[str] = []
+    if not highdicom_available():
+        message = f"DICOM outputs skipped: highdicom is not installed ({DICOM_EXTRA_HINT})"
+        logger.warning(message)
+        return outputs_written, [message]
+    sources = read_source_headers(series)
+    anomaly_volume = _read_volume(maps.anomaly_path, axis, iteration_shape(series, axis))
+    writers: list[tuple[str, str, Callable[[Path], Any]]] = [
+        ("parametric_map", "anomaly_map_pm.dcm", lambda p: write_parametric_map(p, anomaly_volume, series, sources))
+    ]
+    if pixel_threshold is not None:
+        writers.append((
+            "segmentation",
+            "anomaly_seg.dcm",
+            lambda p: write_segmentation(p, anomaly_volume >= pixel_threshold, series, float(pixel_threshold), sources),
+        ))
+    for key, file_name, writer in writers:
+        try:
+            writer(staging / file_name)
+            outputs_written[key] = file_name
+        except Exception as error:  # a DICOM object the source does not allow: keep the rest
+            message = f"DICOM {key} not written: {type(error).__name__}: {error}"
+            logger.warning("series %s: %s", series.name, message)
+            output_warnings.append(message)
+    return outputs_written, output_warnings
+
+
+def _top_slices(series: SeriesInfo, slice_scores: np.ndarray, top_k: int, axis: int) -> list[dict[str, Any]]:
+    """The ``top_k`` most anomalous slices, with their source instance (and frame) when cut along axis 0."""
+    order = np.argsort(-slice_scores, kind="stable")[: max(1, min(top_k, len(slice_scores)))]
+    top_slices = []
+    for index in order.tolist():
+        entry: dict[str, Any] = {"index": int(index), "score": float(slice_scores[index])}
+        if axis == 0:  # slices along axis 0 are source frames: name them for PACS users
+            ref = series.slices[index]
+            entry["sop_instance_uid"] = ref.sop_instance_uid
+            if ref.frame_index is not None:
+                entry["frame_number"] = ref.frame_index + 1
+        top_slices.append(entry)
+    return top_slices
+
+
 def _run_series(
     series: SeriesInfo,
     staging: Path,
@@ -209,130 +313,26 @@ def _run_series(
 ) -> dict[str, Any]:
     """Predict one series into ``staging``; returns its report (without timings of the rename)."""
     started = time.perf_counter()
-    length, height, width = iteration_shape(series, axis)
-    window = compute_intensity_window(series)
-    slice_scores = np.empty(length, dtype=np.float32)
-    anomaly_raw, uncertainty_raw = staging / ".anomaly_map.f32", staging / ".uncertainty_map.f32"
-    anomaly_range = [np.inf, -np.inf]
-    uncertainty_range = [np.inf, -np.inf]
-    has_uncertainty = True
-    written = 0
-
-    from tqdm.auto import tqdm
-
-    with (
-        open(anomaly_raw, "wb") as anomaly_stream,
-        open(uncertainty_raw, "wb") as uncertainty_stream,
-        tqdm(total=length, desc=f"series {series.name[-12:]}", unit="slice", disable=not progress, leave=False) as bar,
-        torch.inference_mode(),
-    ):
-        for indices, images in iter_series_slices(series, batch_size, axis=axis, window=window, scratch_dir=staging):
-            if int(indices[0]) != written:  # the raw files are written in order
-                raise RuntimeError(f"slices arrived out of order at {int(indices[0])}")
-            count = len(indices)
-            outputs = predictor(torch.from_numpy(images))
-            anomaly = _to_numpy_maps(outputs["anomaly_map"], count, height, width, "anomaly_map")
-            anomaly_stream.write(anomaly.tobytes())
-            anomaly_range = [min(anomaly_range[0], float(anomaly.min())), max(anomaly_range[1], float(anomaly.max()))]
-            uncertainty_value = outputs.get("uncertainty_map")
-            if uncertainty_value is None:
-                has_uncertainty = False
-            elif has_uncertainty:
-                uncertainty = _to_numpy_maps(uncertainty_value, count, height, width, "uncertainty_map")
-                uncertainty_stream.write(uncertainty.tobytes())
-                uncertainty_range = [
-                    min(uncertainty_range[0], float(uncertainty.min())),
-                    max(uncertainty_range[1], float(uncertainty.max())),
-                ]
-            scores = torch.as_tensor(outputs["pred_score"]).detach().float().reshape(-1).cpu().numpy()
-            if scores.shape[0] != count:
-                raise ValueError(f"predictor returned {scores.shape[0]} scores for {count} slices")
-            slice_scores[indices] = scores
-            written += count
-            bar.update(count)
+    maps = _predict_slices(series, staging, predictor, axis, batch_size, progress)
     inferred = time.perf_counter()
 
-    affine = series_affine(series)
-    shape_along_axis = (length, height, width)
-    outputs_written: dict[str, str] = {}
+    outputs_written = _write_nifti_maps(series, staging, maps, axis)
     output_warnings: list[str] = []
-    write_nifti_slabs(
-        staging / "anomaly_map.nii.gz",
-        _iter_volume_slabs(anomaly_raw, axis, shape_along_axis),
-        series.shape,
-        affine,
-        tuple(anomaly_range),
-        "URA-Net anomaly map",
-    )
-    outputs_written["anomaly_map_nifti"] = "anomaly_map.nii.gz"
-    if has_uncertainty:
-        write_nifti_slabs(
-            staging / "uncertainty_map.nii.gz",
-            _iter_volume_slabs(uncertainty_raw, axis, shape_along_axis),
-            series.shape,
-            affine,
-            tuple(uncertainty_range),
-            "URA-Net uncertainty map",
-        )
-        outputs_written["uncertainty_map_nifti"] = "uncertainty_map.nii.gz"
-
     image_threshold = getattr(predictor, "image_threshold", None)
     pixel_threshold = getattr(predictor, "pixel_threshold", None)
     pixel_threshold = image_threshold if pixel_threshold is None else pixel_threshold
     if write_dicom:
-        if not highdicom_available():
-            message = f"DICOM outputs skipped: highdicom is not installed ({DICOM_EXTRA_HINT})"
-            logger.warning(message)
-            output_warnings.append(message)
-        else:
-            sources = read_source_headers(series)
-            anomaly_volume = _read_volume(anomaly_raw, axis, shape_along_axis)
-            for key, file_name, writer in (
-                (
-                    "parametric_map",
-                    "anomaly_map_pm.dcm",
-                    lambda p: write_parametric_map(p, anomaly_volume, series, sources),
-                ),
-                (
-                    "segmentation",
-                    "anomaly_seg.dcm",
-                    None
-                    if pixel_threshold is None
-                    else lambda p: write_segmentation(
-                        p, anomaly_volume >= pixel_threshold, series, float(pixel_threshold), sources
-                    ),
-                ),
-            ):
-                if writer is None:
-                    continue
-                try:
-                    writer(staging / file_name)
-                    outputs_written[key] = file_name
-                except Exception as error:  # a DICOM object the source does not allow: keep the rest
-                    message = f"DICOM {key} not written: {type(error).__name__}: {error}"
-                    logger.warning("series %s: %s", series.name, message)
-                    output_warnings.append(message)
-            del anomaly_volume
-    anomaly_raw.unlink(missing_ok=True)
-    uncertainty_raw.unlink(missing_ok=True)
+        dicom_written, output_warnings = _write_dicom_objects(series, staging, maps, axis, pixel_threshold)
+        outputs_written.update(dicom_written)
+    maps.remove()
     written_at = time.perf_counter()
 
+    slice_scores = maps.slice_scores
     volume_score = aggregate_slice_scores(slice_scores, aggregation, top_k)
-    order = np.argsort(-slice_scores, kind="stable")[: max(1, min(top_k, length))]
-    top_slices = []
-    for index in order.tolist():
-        entry: dict[str, Any] = {"index": int(index), "score": float(slice_scores[index])}
-        if axis == 0:  # slices along axis 0 are source frames: name them for PACS users
-            ref = series.slices[index]
-            entry["sop_instance_uid"] = ref.sop_instance_uid
-            if ref.frame_index is not None:
-                entry["frame_number"] = ref.frame_index + 1
-        top_slices.append(entry)
     if image_threshold is None:
         decision = "unknown"
     else:
         decision = "anomalous" if volume_score >= image_threshold else "normal"
-
     return {
         "series": series.summary(),
         "study_uid": series.study_uid,
@@ -345,9 +345,9 @@ def _run_series(
         "image_threshold": image_threshold,
         "pixel_threshold": pixel_threshold,
         "decision": decision,
-        "top_slices": top_slices,
+        "top_slices": _top_slices(series, slice_scores, top_k, axis),
         "slice_scores": [float(s) for s in slice_scores],
-        "anomaly_range": [float(v) for v in anomaly_range],
+        "anomaly_range": [float(v) for v in maps.anomaly_range],
         "outputs": outputs_written,
         "warnings": list(series.warnings) + output_warnings,
         "skipped_files": [{"path": _relative(s.path, input_path), "reason": s.reason} for s in series.skipped_files],
@@ -417,25 +417,14 @@ def predict_dicom_folder(
         ValueError: overlapping input/output folders, an empty input folder, a folder without any
             DICOM image series, or invalid arguments.
     """
-    if volume_aggregation not in _AGGREGATIONS:
-        raise ValueError(f"volume_aggregation must be one of {_AGGREGATIONS}, got {volume_aggregation!r}")
+    check_volume_aggregation(volume_aggregation)
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
     if batch_size < 1 or top_k < 1:
         raise ValueError("batch_size and top_k must be >= 1")
     input_path, output_path = check_output_folder(input_dir, output_dir)
 
-    started = time.perf_counter()
-    series_list, skipped = discover_series(input_path)
-    discovery_seconds = time.perf_counter() - started
-    if not series_list:
-        if not skipped:
-            raise ValueError(f"input folder {input_path} is empty: no files to analyse")
-        reasons = sorted({item.reason.split(":")[0] for item in skipped})
-        raise ValueError(
-            f"no DICOM image series found in {input_path}: {len(skipped)} file(s) skipped ({'; '.join(reasons)})"
-        )
-    logger.info("found %d series and %d skipped file(s) in %.1f s", len(series_list), len(skipped), discovery_seconds)
+    series_list, skipped, discovery_seconds = _discover(input_path)
     if write_dicom and not highdicom_available():
         logger.warning(
             "highdicom is not installed: DICOM Parametric Map / SEG outputs are skipped (%s)", DICOM_EXTRA_HINT
@@ -451,68 +440,92 @@ def predict_dicom_folder(
         update_results_csv(csv_path, skipped_rows)
         all_rows.extend(skipped_rows)
 
+    settings = _SeriesSettings(predictor, axis, batch_size, volume_aggregation, top_k, write_dicom, progress, input_path)
     for number, series in enumerate(series_list, start=1):
-        series_started = time.perf_counter()
-        row: dict[str, Any] = {
-            "series_dir": series.name,
-            "series_uid": series.uid,
-            "modality": series.modality,
-            "sop_class": series.sop_class_name,
-            "slices": series.num_frames,
-            "rows": series.rows,
-            "cols": series.cols,
-            "axis": axis,
-            "aggregation": volume_aggregation,
-            "warnings": "; ".join(series.warnings),
-            "skipped_files": " | ".join(f"{_relative(s.path, input_path)}: {s.reason}" for s in series.skipped_files),
-        }
-        # series.name is sanitised from the SeriesInstanceUID; safe_child checks again that it stays inside output_path
-        final_folder = safe_child(output_path, series.name)
-        staging = ensure_within(output_path / f".{final_folder.name}.partial-{secrets.token_hex(4)}", output_path, "staging folder")
-        try:
-            staging.mkdir(parents=True)
-            report = _run_series(
-                series,
-                staging,
-                predictor,
-                axis,
-                batch_size,
-                volume_aggregation,
-                top_k,
-                write_dicom,
-                progress,
-                input_path,
-            )
-            report["timings_s"]["total"] = round(time.perf_counter() - series_started, 3)
-            report["timings_s"]["discovery_folder"] = round(discovery_seconds, 3)
-            write_report_json(staging / "report.json", report)
-            _finalize_series_folder(staging, final_folder)
-            row.update(
-                status="ok",
-                volume_score=f"{report['volume_score']:.6g}",
-                threshold="" if report["image_threshold"] is None else f"{report['image_threshold']:.6g}",
-                decision=report["decision"],
-                top_slices=";".join(f"{t['index']}:{t['score']:.4g}" for t in report["top_slices"]),
-                warnings="; ".join(report["warnings"]),
-                message="",
-                time_read_infer_s=report["timings_s"]["read_infer"],
-                time_write_s=report["timings_s"]["write"],
-            )
-            logger.info(
-                "series %d/%d %s (%s, %d slices): score %.4g, %s",
-                number,
-                len(series_list),
-                series.name,
-                series.modality,
-                series.num_frames,
-                report["volume_score"],
-                report["decision"],
-            )
-        except Exception as error:  # one bad series must not stop the folder
-            shutil.rmtree(staging, ignore_errors=True)
-            row.update(status="error", decision="", message=f"{type(error).__name__}: {error}")
-            logger.error("series %d/%d %s failed: %s", number, len(series_list), series.name, row["message"])
-        row["time_total_s"] = round(time.perf_counter() - series_started, 3)
+        row = _predict_series(series, f"{number}/{len(series_list)}", output_path, settings, discovery_seconds)
         update_results_csv(csv_path, [row])
         all_rows.append(row)
     return all_rows
+
+
+def _discover(input_path: Path) -> tuple[list[SeriesInfo], list[SkippedFile], float]:
+    """The series and skipped files of the input folder, and the seconds the scan took; ValueError when there is
+    no series to analyse."""
+    started = time.perf_counter()
+    series_list, skipped = discover_series(input_path)
+    discovery_seconds = time.perf_counter() - started
+    if not series_list:
+        if not skipped:
+            raise ValueError(f"input folder {input_path} is empty: no files to analyse")
+        reasons = sorted({item.reason.split(":")[0] for item in skipped})
+        raise ValueError(
+            f"no DICOM image series found in {input_path}: {len(skipped)} file(s) skipped ({'; '.join(reasons)})"
+        )
+    logger.info("found %d series and %d skipped file(s) in %.1f s", len(series_list), len(skipped), discovery_seconds)
+    return series_list, skipped, discovery_seconds
+
+
+class _SeriesSettings(NamedTuple):
+    """The arguments of :func:`_run_series` that are the same for every series of a run."""
+
+    predictor: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    axis: int
+    batch_size: int
+    aggregation: str
+    top_k: int
+    write_dicom: bool
+    progress: bool
+    input_path: Path
+
+
+def _predict_series(
+    series: SeriesInfo, position: str, output_path: Path, settings: _SeriesSettings, discovery_seconds: float
+) -> dict[str, Any]:
+    """Predict one series into its folder of ``output_path`` (built in a staging folder, renamed when complete);
+    returns its ``results.csv`` row, an ``error`` row when anything fails."""
+    series_started = time.perf_counter()
+    axis, volume_aggregation, input_path = settings.axis, settings.aggregation, settings.input_path
+    row: dict[str, Any] = {
+        "series_dir": series.name,
+        "series_uid": series.uid,
+        "modality": series.modality,
+        "sop_class": series.sop_class_name,
+        "slices": series.num_frames,
+        "rows": series.rows,
+        "cols": series.cols,
+        "axis": axis,
+        "aggregation": volume_aggregation,
+        "warnings": "; ".join(series.warnings),
+        "skipped_files": " | ".join(f"{_relative(s.path, input_path)}: {s.reason}" for s in series.skipped_files),
+    }
+    # series.name is sanitised from the SeriesInstanceUID; safe_child checks again that it stays inside output_path
+    final_folder = safe_child(output_path, series.name)
+    staging = ensure_within(output_path / f".{final_folder.name}.partial-{secrets.token_hex(4)}", output_path, "staging folder")
+    try:
+        staging.mkdir(parents=True)
+        report = _run_series(series, staging, *settings)
+        report["timings_s"]["total"] = round(time.perf_counter() - series_started, 3)
+        report["timings_s"]["discovery_folder"] = round(discovery_seconds, 3)
+        write_report_json(staging / "report.json", report)
+        _finalize_series_folder(staging, final_folder)
+        row.update(
+            status="ok",
+            volume_score=f"{report['volume_score']:.6g}",
+            threshold="" if report["image_threshold"] is None else f"{report['image_threshold']:.6g}",
+            decision=report["decision"],
+            top_slices=";".join(f"{t['index']}:{t['score']:.4g}" for t in report["top_slices"]),
+            warnings="; ".join(report["warnings"]),
+            message="",
+            time_read_infer_s=report["timings_s"]["read_infer"],
+            time_write_s=report["timings_s"]["write"],
+        )
+        logger.info(
+            "series %s %s (%s, %d slices): score %.4g, %s",
+            position, series.name, series.modality, series.num_frames, report["volume_score"], report["decision"],
+        )
+    except Exception as error:  # one bad series must not stop the folder
+        shutil.rmtree(staging, ignore_errors=True)
+        row.update(status="error", decision="", message=f"{type(error).__name__}: {error}")
+        logger.error("series %s %s failed: %s", position, series.name, row["message"])
+    row["time_total_s"] = round(time.perf_counter() - series_started, 3)
+    return row

@@ -37,7 +37,6 @@ __all__ = [
     "nifti_header",
     "read_source_headers",
     "update_results_csv",
-    "write_nifti",
     "write_nifti_slabs",
     "write_parametric_map",
     "write_report_json",
@@ -192,31 +191,6 @@ def write_nifti_slabs(
                 stream.close()
             raw.close()
     return destination
-
-
-def write_nifti(
-    path: str | os.PathLike[str],
-    volume: np.ndarray,
-    affine: np.ndarray,
-    value_range: tuple[float, float] | None = None,
-    description: str = "",
-) -> Path:
-    """Write an in-memory ``[slices, rows, cols]`` volume as NIfTI with the series affine.
-
-    Args:
-        path: ``.nii`` or ``.nii.gz`` destination (written atomically).
-        volume: ``[slices, rows, cols]`` array (e.g. from :func:`ura_monai.data.dicom.load_series_volume`).
-        affine: the series' RAS affine.
-        value_range: display range; the data range when ``None``.
-        description: header description.
-
-    Returns:
-        the destination path.
-    """
-    volume = np.asarray(volume, dtype=np.float32)
-    if value_range is None and volume.size:
-        value_range = (float(np.nanmin(volume)), float(np.nanmax(volume)))
-    return write_nifti_slabs(path, [volume], volume.shape, affine, value_range, description)
 
 
 # --------------------------------------------------------------------------------------------

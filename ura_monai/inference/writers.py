@@ -21,7 +21,15 @@ import numpy as np
 from ura_monai.utils.fileio import atomic_path, atomic_write_text, csv_text
 from ura_monai.utils.paths import is_within, safe_name
 
-__all__ = ["output_path_for", "save_array", "save_map_figure", "save_png", "save_roc_curve_png", "write_csv"]
+__all__ = [
+    "output_path_for",
+    "save_array",
+    "save_map_figure",
+    "save_png",
+    "save_prediction_files",
+    "save_roc_curve_png",
+    "write_csv",
+]
 
 PathLike = str | os.PathLike
 
@@ -87,6 +95,39 @@ def save_array(path: PathLike, array: Any) -> Path:
         with open(tmp, "wb") as stream:  # a file object: np.save(name) would add its own suffix
             np.save(stream, data, allow_pickle=False)
     return Path(path)
+
+
+def save_prediction_files(
+    names: Mapping[str, PathLike],
+    image: Any,
+    anomaly_map: np.ndarray,
+    uncertainty_map: np.ndarray,
+    pixel_threshold: float | None = None,
+    vmin: float | None = None,
+    vmax: float | None = None,
+) -> None:
+    """Write the four per-image files of ``ura-monai predict``: overlay, raw maps and uncertainty picture.
+
+    Args:
+        names: destination paths under ``"overlay"`` (PNG heatmap over the image, with the contour of
+            ``map >= pixel_threshold``), ``"anomaly_map"`` and ``"uncertainty"`` (float32 ``.npy``) and
+            ``"uncertainty_png"`` (the uncertainty in [0, 1], viridis).
+        image: (C, H, W) image in [0, 1], C 1 or 3.
+        anomaly_map, uncertainty_map: (H, W) maps at the image's size.
+        pixel_threshold: contour level (none drawn when ``None``).
+        vmin, vmax: heatmap colour scale (``None``: the map's own range).
+    """
+    import matplotlib
+
+    from ura_monai.transforms.postprocess import RenderHeatmapOverlay, ThresholdAnomalyMap
+
+    mask = ThresholdAnomalyMap(pixel_threshold)(anomaly_map) if pixel_threshold is not None else None
+    renderer = RenderHeatmapOverlay(alpha=0.5, colormap="jet", vmin=vmin, vmax=vmax)
+    save_png(names["overlay"], renderer(image, anomaly_map, mask))
+    save_array(names["anomaly_map"], anomaly_map)
+    save_array(names["uncertainty"], uncertainty_map)
+    viridis = matplotlib.colormaps["viridis"]
+    save_png(names["uncertainty_png"], np.rint(viridis(np.clip(uncertainty_map, 0.0, 1.0))[..., :3] * 255.0).astype(np.uint8))
 
 
 # --------------------------------------------------------------------------- tables
@@ -205,11 +246,11 @@ def save_map_figure(
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    from ura_monai.transforms.postprocess import RenderHeatmapOverlay, ThresholdAnomalyMap, _image_to_rgb, _single_channel
+    from ura_monai.transforms.postprocess import RenderHeatmapOverlay, ThresholdAnomalyMap, image_to_rgb, single_channel
 
-    rgb = _image_to_rgb(image)
-    amap = _single_channel(anomaly_map, "anomaly map").astype(np.float64)
-    umap = _single_channel(uncertainty_map, "uncertainty map").astype(np.float64)
+    rgb = image_to_rgb(image)
+    amap = single_channel(anomaly_map, "anomaly map").astype(np.float64)
+    umap = single_channel(uncertainty_map, "uncertainty map").astype(np.float64)
     mask = ThresholdAnomalyMap(threshold)(amap) if threshold is not None else None
     renderer = RenderHeatmapOverlay(alpha=0.5, colormap="jet", vmin=vmin, vmax=vmax)
     overlay = renderer(rgb.transpose(2, 0, 1), amap, mask)

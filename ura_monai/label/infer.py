@@ -39,6 +39,7 @@ from monailabel.interfaces.exception import MONAILabelError, MONAILabelException
 from monailabel.interfaces.tasks.infer_v2 import InferType
 from monailabel.tasks.infer.basic_infer import BasicInferTask
 
+from ura_monai.inference.aggregation import VOLUME_AGGREGATIONS, aggregate_slice_scores, check_volume_aggregation
 from ura_monai.label.volumes import (
     intensity_window,
     is_volume,
@@ -47,7 +48,6 @@ from ura_monai.label.volumes import (
     normalize_volume,
     place_slice_maps,
 )
-from ura_monai.utils.enums import VolumeAggregation
 
 __all__ = ["URANetInferTask", "LoadURANetInputd", "ANOMALY_LABELS", "ANOMALY_OUTPUTS"]
 
@@ -55,7 +55,6 @@ logger = logging.getLogger(__name__)
 
 ANOMALY_LABELS = {"anomaly": 1}
 ANOMALY_OUTPUTS = ("mask", "anomaly_map")
-_AGGREGATIONS = VolumeAggregation.choices()
 
 
 def _first(value: Any) -> Any:
@@ -138,12 +137,11 @@ class URANetInferTask(BasicInferTask):
         config: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
-        if volume_aggregation not in _AGGREGATIONS:
-            raise ValueError(f"volume_aggregation must be one of {_AGGREGATIONS}, got {volume_aggregation!r}")
+        check_volume_aggregation(volume_aggregation)
         options: dict[str, Any] = {
             "anomaly_output": list(ANOMALY_OUTPUTS),
             "slice_axis": int(slice_axis),
-            "volume_aggregation": [volume_aggregation] + [a for a in _AGGREGATIONS if a != volume_aggregation],
+            "volume_aggregation": [volume_aggregation] + [a for a in VOLUME_AGGREGATIONS if a != volume_aggregation],
             "top_k": int(top_k),
         }
         options.update(config or {})
@@ -269,16 +267,16 @@ class URANetInferTask(BasicInferTask):
         return data
 
     def _infer_volume(self, predictor, data: dict[str, Any], result: dict[str, Any]) -> tuple[np.ndarray, float]:
-        from ura_monai.inference.dicom_inference import aggregate_slice_scores
-
         volume = data[self.input_key]
         axis = int(_first(data.get("slice_axis", 2)))
         aggregation = str(_first(data.get("volume_aggregation", "max")))
         top_k = int(_first(data.get("top_k", 5)))
         if axis not in (0, 1, 2):
             raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"slice_axis must be 0, 1 or 2, got {axis}")
-        if aggregation not in _AGGREGATIONS:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"volume_aggregation must be one of {_AGGREGATIONS}, got {aggregation!r}")
+        try:
+            check_volume_aggregation(aggregation)
+        except ValueError as error:
+            raise MONAILabelException(MONAILabelError.INVALID_INPUT, str(error)) from error
         anomaly_map = np.zeros(volume.shape, dtype=np.float32)
         slice_scores = np.zeros(volume.shape[axis], dtype=np.float64)
         for indices, images in iter_slice_batches(volume, axis, self.batch_size):

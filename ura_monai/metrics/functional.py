@@ -446,6 +446,72 @@ def _trapezoid_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return area
 
 
+def _region_and_normal_scores(maps: MapsLike, masks: MapsLike) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The sorted anomaly scores of each ground-truth component (labelled per image), and the normal pixels'
+    scores of each image."""
+    # full connectivity: 8-neighbourhood in 2D, 26 in 3D
+    structures: dict[int, np.ndarray] = {}
+    region_values: list[np.ndarray] = []  # sorted anomaly scores of each ground-truth component
+    normal_parts: list[np.ndarray] = []
+    for anomaly_map, mask in _iter_images(maps, masks):
+        anomaly_map = anomaly_map.astype(np.float32, copy=False)
+        if np.isnan(anomaly_map).any():
+            raise ValueError("anomaly maps contain NaN.")
+        normal_parts.append(anomaly_map[~mask])
+        if not mask.any():
+            continue
+        structure = structures.setdefault(mask.ndim, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
+        component_ids, num_components = ndimage.label(mask, structure=structure)
+        ids = component_ids[mask]
+        values = anomaly_map[mask]
+        order = np.lexsort((values, ids))  # grouped by component, sorted by score inside each group
+        ids, values = ids[order], values[order]
+        boundaries = np.searchsorted(ids, np.arange(1, num_components + 2))
+        region_values.extend(values[boundaries[i] : boundaries[i + 1]] for i in range(num_components))
+
+    return region_values, normal_parts
+
+
+def _pro_curve(region_values: list[np.ndarray], normal_scores: np.ndarray, fpr_limit: float,
+               num_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(fpr, pro)`` at thresholds sampling the FPR axis uniformly up to ``fpr_limit``, both corners of each."""
+    num_normal = normal_scores.size
+    # wanted false-positive counts, uniform in FPR; only the top (largest) normal scores are needed,
+    # so partition instead of sorting everything
+    wanted_false_positives = np.round(np.linspace(0.0, fpr_limit, num_thresholds) * num_normal).astype(np.int64)
+    top_count = int(min(num_normal, wanted_false_positives[-1] + 1))
+    top_scores = np.sort(np.partition(normal_scores, num_normal - top_count)[num_normal - top_count :])
+    # the (m+1)-th largest normal score: exactly <= m normal pixels lie strictly above it
+    thresholds = np.where(
+        wanted_false_positives < num_normal,
+        top_scores[np.clip(top_count - wanted_false_positives - 1, 0, None)],
+        -np.inf,
+    )
+    thresholds = np.unique(thresholds)[::-1]  # decreasing, so FPR increases along the curve
+
+    # false positives for "score > t" and "score >= t"; every normal score > t (t >= top_scores[0]) is in top
+    false_positives_above = top_count - np.searchsorted(top_scores, thresholds, side="right")
+    false_positives_at_or_above = top_count - np.searchsorted(top_scores, thresholds, side="left")
+    if top_count < num_normal:
+        # ties of the smallest kept score may continue outside the kept part: count them on all pixels
+        at_smallest = thresholds == top_scores[0]
+        false_positives_at_or_above[at_smallest] = np.count_nonzero(normal_scores >= top_scores[0])
+
+    # per-region covered fraction for all thresholds at once
+    overlap_above = np.zeros(thresholds.size)
+    overlap_at_or_above = np.zeros(thresholds.size)
+    for values in region_values:
+        size = values.size
+        overlap_above += (size - np.searchsorted(values, thresholds, side="right")) / size
+        overlap_at_or_above += (size - np.searchsorted(values, thresholds, side="left")) / size
+    num_regions = len(region_values)
+
+    # interleave the two corners of each threshold: (> t0), (>= t0), (> t1), (>= t1), ...
+    fpr = np.stack([false_positives_above, false_positives_at_or_above], axis=1).ravel() / num_normal
+    pro = np.stack([overlap_above, overlap_at_or_above], axis=1).ravel() / num_regions
+    return fpr, pro
+
+
 def aupro(maps: MapsLike, masks: MapsLike, fpr_limit: float = 0.3, num_thresholds: int = 2000) -> float:
     """
     Normalized area under the per-region-overlap (PRO) curve up to ``fpr_limit`` (MVTec AD protocol).
@@ -480,26 +546,7 @@ def aupro(maps: MapsLike, masks: MapsLike, fpr_limit: float = 0.3, num_threshold
     if num_thresholds < 2:
         raise ValueError(f"num_thresholds must be at least 2, got {num_thresholds}.")
 
-    # full connectivity: 8-neighbourhood in 2D, 26 in 3D
-    structures: dict[int, np.ndarray] = {}
-    region_values: list[np.ndarray] = []  # sorted anomaly scores of each ground-truth component
-    normal_parts: list[np.ndarray] = []
-    for anomaly_map, mask in _iter_images(maps, masks):
-        anomaly_map = anomaly_map.astype(np.float32, copy=False)
-        if np.isnan(anomaly_map).any():
-            raise ValueError("anomaly maps contain NaN.")
-        normal_parts.append(anomaly_map[~mask])
-        if not mask.any():
-            continue
-        structure = structures.setdefault(mask.ndim, ndimage.generate_binary_structure(mask.ndim, mask.ndim))
-        component_ids, num_components = ndimage.label(mask, structure=structure)
-        ids = component_ids[mask]
-        values = anomaly_map[mask]
-        order = np.lexsort((values, ids))  # grouped by component, sorted by score inside each group
-        ids, values = ids[order], values[order]
-        boundaries = np.searchsorted(ids, np.arange(1, num_components + 2))
-        region_values.extend(values[boundaries[i] : boundaries[i + 1]] for i in range(num_components))
-
+    region_values, normal_parts = _region_and_normal_scores(maps, masks)
     if not region_values:
         raise ValueError("aupro needs at least one anomalous pixel (mask > 0.5), found none.")
     normal_scores = np.concatenate(normal_parts) if normal_parts else np.empty(0, np.float32)
@@ -507,37 +554,5 @@ def aupro(maps: MapsLike, masks: MapsLike, fpr_limit: float = 0.3, num_threshold
     if num_normal == 0:
         raise ValueError("aupro needs at least one normal pixel (mask <= 0.5), found none.")
 
-    # wanted false-positive counts, uniform in FPR; only the top (largest) normal scores are needed,
-    # so partition instead of sorting everything
-    wanted_false_positives = np.round(np.linspace(0.0, fpr_limit, num_thresholds) * num_normal).astype(np.int64)
-    top_count = int(min(num_normal, wanted_false_positives[-1] + 1))
-    top_scores = np.sort(np.partition(normal_scores, num_normal - top_count)[num_normal - top_count :])
-    # the (m+1)-th largest normal score: exactly <= m normal pixels lie strictly above it
-    thresholds = np.where(
-        wanted_false_positives < num_normal,
-        top_scores[np.clip(top_count - wanted_false_positives - 1, 0, None)],
-        -np.inf,
-    )
-    thresholds = np.unique(thresholds)[::-1]  # decreasing, so FPR increases along the curve
-
-    # false positives for "score > t" and "score >= t"; every normal score > t (t >= top_scores[0]) is in top
-    false_positives_above = top_count - np.searchsorted(top_scores, thresholds, side="right")
-    false_positives_at_or_above = top_count - np.searchsorted(top_scores, thresholds, side="left")
-    if top_count < num_normal:
-        # ties of the smallest kept score may continue outside the kept part: count them on all pixels
-        at_smallest = thresholds == top_scores[0]
-        false_positives_at_or_above[at_smallest] = np.count_nonzero(normal_scores >= top_scores[0])
-
-    # per-region covered fraction for all thresholds at once
-    overlap_above = np.zeros(thresholds.size)
-    overlap_at_or_above = np.zeros(thresholds.size)
-    for values in region_values:
-        size = values.size
-        overlap_above += (size - np.searchsorted(values, thresholds, side="right")) / size
-        overlap_at_or_above += (size - np.searchsorted(values, thresholds, side="left")) / size
-    num_regions = len(region_values)
-
-    # interleave the two corners of each threshold: (> t0), (>= t0), (> t1), (>= t1), ...
-    fpr = np.stack([false_positives_above, false_positives_at_or_above], axis=1).ravel() / num_normal
-    pro = np.stack([overlap_above, overlap_at_or_above], axis=1).ravel() / num_regions
+    fpr, pro = _pro_curve(region_values, normal_scores, fpr_limit, num_thresholds)
     return float(_trapezoid_up_to(fpr, pro, fpr_limit) / fpr_limit)

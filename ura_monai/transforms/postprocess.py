@@ -37,6 +37,8 @@ __all__ = [
     "SmoothAnomalyMapd",
     "ThresholdAnomalyMap",
     "ThresholdAnomalyMapd",
+    "image_to_rgb",
+    "single_channel",
 ]
 
 Array = np.ndarray | torch.Tensor
@@ -278,7 +280,7 @@ class ThresholdAnomalyMapd(MapTransform):
 # --------------------------------------------------------------------------- overlay
 
 
-def _image_to_rgb(image: Any) -> np.ndarray:
+def image_to_rgb(image: Any) -> np.ndarray:
     """(C, H, W) with C in {1, 3}, or (H, W), in [0, 1] -> float64 (H, W, 3) in [0, 1]."""
     x = _to_numpy(image).astype(np.float64)
     if x.ndim == 2:
@@ -289,7 +291,7 @@ def _image_to_rgb(image: Any) -> np.ndarray:
     return np.repeat(x, 3, axis=0).transpose(1, 2, 0) if x.shape[0] == 1 else x.transpose(1, 2, 0)
 
 
-def _single_channel(data: Any, what: str) -> np.ndarray:
+def single_channel(data: Any, what: str) -> np.ndarray:
     """(1, H, W) or (H, W) -> (H, W) numpy."""
     x = _to_numpy(data)
     if x.ndim == 3 and x.shape[0] == 1:
@@ -354,8 +356,8 @@ class RenderHeatmapOverlay(Transform):
         Returns:
             RGB uint8 numpy array (H, W, 3).
         """
-        rgb = _image_to_rgb(image)
-        amap = _single_channel(anomaly_map, "anomaly map")
+        rgb = image_to_rgb(image)
+        amap = single_channel(anomaly_map, "anomaly map")
         if amap.shape != rgb.shape[:2]:
             raise ValueError(f"anomaly map size {amap.shape} differs from image size {rgb.shape[:2]}; resize it first")
         heat = self.cmap(self.normalize(amap))[..., :3]
@@ -364,7 +366,7 @@ class RenderHeatmapOverlay(Transform):
         if mask is not None:
             from skimage.segmentation import find_boundaries
 
-            mask_np = _single_channel(mask, "mask")
+            mask_np = single_channel(mask, "mask")
             if mask_np.shape != amap.shape:
                 raise ValueError(f"mask size {mask_np.shape} differs from image size {amap.shape}")
             # inner boundary: the contour stays on the predicted region's own pixels
