@@ -17,6 +17,7 @@ from ignite.handlers.tqdm_logger import ProgressBar
 from monai.utils import set_determinism
 
 from ura_monai.engines.evaluator import URANetEvaluator
+from ura_monai.networks.blocks.anomaly_map import image_score
 from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.schedule import CosineDecay
@@ -178,15 +179,26 @@ def compute_thresholds(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     amp: bool = False,
+    training_features: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Image and pixel thresholds from held-out normal images (``normal_postprocessing_stats`` of their scores
-    and maps), with the uncertainty passes off: they do not change the map. ``network`` may be DDP-wrapped; its
-    train/eval mode is restored."""
+    """Image and pixel thresholds from normal data (``normal_postprocessing_stats`` of their scores and maps): the
+    held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the
+    cached ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each
+    block scored by normal models fitted without it), so that the thresholds rest on every normal image instead
+    of a handful. ``network`` may be DDP-wrapped; its train/eval mode is restored."""
     model = unwrap(network)
     was_training = model.training
     _, outputs = run_inference(model, data, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False, channels=channels)
     model.train(was_training)
-    return normal_postprocessing_stats([o["pred_score"] for o in outputs], torch.stack([o["anomaly_map"] for o in outputs]))
+    scores = [float(o["pred_score"]) for o in outputs]
+    maps = [torch.stack([o["anomaly_map"] for o in outputs]).float().cpu()] if outputs else []
+    grid = None if training_features is None else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device))
+    if grid is not None:
+        for part in grid.split(32):
+            part_maps = model.map_generator(part, (image_size, image_size))
+            scores += image_score(part_maps, model.score_mode, model.top_k).tolist()
+            maps.append(part_maps.float().cpu())
+    return normal_postprocessing_stats(scores, torch.cat(maps) if maps else None)
 
 
 def fit(
@@ -258,7 +270,8 @@ def fit(
     train_seconds = time.perf_counter() - start
 
     # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
-    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp)
+    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device,
+                                        num_workers=num_workers, amp=amp, training_features=dataset.bank)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
              "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2)}
     checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
