@@ -39,6 +39,8 @@ from ura_monai.utils.enums import AugmentView, Backbone, Layout, ScoreMode
 METRIC_KEYS = (
     "image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_ap", "pixel_f1_max", "uncertainty_error_auroc", "normal_fpr", "anomalous_tpr",
 )
+# the default map is the model's own (URANet's anomaly_map_source default); these are the others, same trained model
+MAP_VARIANTS = ("memory", "position", "fused", "restoration", "restored", "perception")
 ABLATIONS = {"no_fasm": {"use_fasm": False}, "no_uiapm": {"use_uiapm": False}, "no_ram": {"use_ram": False}, "raw_levels": {"equalize_levels": False}}
 
 
@@ -140,10 +142,12 @@ def run_model(train_items, test_items, masks, args, model_kwargs: dict, tag: str
     figures = model_metrics(model, test_items, masks, args, checkpoint["postprocessing"]["image_threshold"])
     figures["fit_seconds"] = fitted["fit_seconds"]
     # the same trained model with its other anomaly-map definitions (inference-only switches); each map has
-    # its own image threshold, set on the same held-out normal images as the stored one
-    for source in map_sources:
+    # its own image threshold, set as fit sets the stored one (held-out normal images, and the training images
+    # cross-fitted for the normal-model maps)
+    for source in [s for s in map_sources if s != model.anomaly_map_source]:
         model, _ = load_checkpoint(fitted["checkpoint"], args.device, anomaly_map_source=source)
-        threshold = compute_thresholds(model, threshold_items(train_items, args), args.image_size, batch_size=args.batch_size, device=args.device)
+        threshold = compute_thresholds(model, threshold_items(train_items, args), args.image_size, batch_size=args.batch_size,
+                                       device=args.device, training_features=fitted["features"])
         figures[f"map_{source}"] = model_metrics(model, test_items, masks, args, threshold["image_threshold"])
     return figures
 
@@ -155,7 +159,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--category", default=None)
     parser.add_argument("--num-train-normal", type=int, default=None, help="oct2017 flat root: NORMAL images used for training")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--augment", default="none", choices=AugmentView.choices())
@@ -176,7 +180,7 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
 
     masks = test_masks(test_items, args)
-    result = {} if args.reference_only else run_model(train_items, test_items, masks, args, {}, "full", map_sources=("restoration", "restored", "perception"))
+    result = {} if args.reference_only else run_model(train_items, test_items, masks, args, {}, "full", map_sources=MAP_VARIANTS)
     # the references see the same training images as URA-Net (minus the normal validation split)
     result["reference"] = nearest_neighbour_reference(train_items, test_items, masks, args, device)
     result["reference_random_1024"] = nearest_neighbour_reference(train_items, test_items, masks, args, device, subset=1024)

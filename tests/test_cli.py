@@ -62,7 +62,7 @@ def test_demo_writes_metrics_overlays_and_scores(demo, capsys):
     # every metric is reported; the decision rates use the checkpoint's stored image threshold and the
     # predictor's rule (score >= threshold) on the per-image scores
     assert set(ANOMALY_METRIC_NAMES) <= set(metrics)
-    stored = torch.load(demo / "model" / "model.pt", map_location="cpu", weights_only=True)["postprocessing"]
+    stored = read_checkpoint(demo / "model" / "model.pt")["postprocessing"]
     assert metrics["image_threshold"] == pytest.approx(stored["image_threshold"], abs=0)
     per_image = _read_csv(demo / "test" / "per_image.csv")
     for label, key in (("0", "normal_fpr"), ("1", "anomalous_tpr")):

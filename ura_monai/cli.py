@@ -112,9 +112,9 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
     p.add_argument("--score-mode", choices=ScoreMode.choices(), default="max", help="image score from the anomaly map (default max)")
-    p.add_argument("--map-source", choices=MapSource.choices(), default="memory",
-                   help="anomaly map: distance to the nearest normal prototype (memory: default, fastest), to the normal "
-                        "Gaussian at the same position (position: aligned parts), their calibrated sum (fused), or the RAM's "
+    p.add_argument("--map-source", choices=MapSource.choices(), default="fused",
+                   help="anomaly map: the calibrated sum (fused, default) of the distance to the nearest normal prototype "
+                        "(memory: fastest) and to the normal Gaussian at the same position (position: aligned parts), or the RAM's "
                         "attention restoration (restoration: about 3x slower on CPU); see docs/benchmarks.md")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

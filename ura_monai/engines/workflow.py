@@ -248,7 +248,8 @@ def fit(
         loss_kwargs: ``URANetLoss`` weights.
 
     Returns:
-        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds`` and the final loss terms.
+        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the final loss terms,
+        the trained ``model`` and the cached normal ``features`` it was fitted on (under the fitted level scale).
     """
     start = time.perf_counter()
     set_determinism(seed)
@@ -276,7 +277,8 @@ def fit(
              "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2)}
     checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
     logger.info("wrote %s", checkpoint)
-    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model}
+    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model,
+            "features": dataset.bank}
 
 
 def _fit_and_threshold_items(train_items: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict], int]:

@@ -38,8 +38,8 @@ class PositionalGaussian(nn.Module):
         self.register_buffer("projection", basis)
         positions = self.grid_size[0] * self.grid_size[1]
         self.register_buffer("mean", torch.zeros(positions, self.dim))
+        # before ``fit``: zero mean and unit covariance (the distance is the projected feature's norm)
         self.register_buffer("cholesky", torch.eye(self.dim).expand(positions, -1, -1).clone())
-        self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
 
     def _tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (h*w, B, dim) projected features, position-major."""
@@ -51,26 +51,23 @@ class PositionalGaussian(nn.Module):
 
     @torch.no_grad()
     def fit(self, features: torch.Tensor, chunk: int = 128) -> None:
-        """Fit mean and covariance per position from normal features (N, C, h, w), N >= 2."""
-        if features.shape[0] < 2:
-            raise ValueError("the position-aware normal model needs at least 2 normal training images")
+        """Fit mean and covariance per position from normal features (N, C, h, w); with a single sample the
+        covariance is the regularization alone (the sample's mean feature energy times ``regularization``)."""
         tokens = self._tokens(features.float())
         mean = tokens.mean(dim=1)
-        reg = self.regularization * tokens.var(dim=1).mean().clamp_min(1e-8)
+        spread = tokens.var(dim=1).mean() if tokens.shape[1] > 1 else tokens.pow(2).mean()
+        reg = self.regularization * spread.clamp_min(1e-8)
         eye = torch.eye(self.dim, dtype=tokens.dtype, device=tokens.device)
         factors = []
         for part, mu in zip(tokens.split(chunk), mean.split(chunk)):
             centred = part - mu.unsqueeze(1)
-            cov = centred.transpose(1, 2) @ centred / (part.shape[1] - 1) + reg * eye
+            cov = centred.transpose(1, 2) @ centred / max(part.shape[1] - 1, 1) + reg * eye
             factors.append(torch.linalg.cholesky(cov))
         self.mean.copy_(mean.to(self.mean))
         self.cholesky.copy_(torch.cat(factors).to(self.cholesky))
-        self.fitted.fill_(True)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Mahalanobis distance of each position's features to its normal Gaussian, (B, 1, h, w)."""
-        if not bool(self.fitted):
-            raise RuntimeError("PositionalGaussian.fit must run on normal features before scoring")
         b, _, h, w = features.shape
         centred = self._tokens(features) - self.mean.to(features.dtype).unsqueeze(1)  # (h*w, B, dim)
         whitened = torch.linalg.solve_triangular(self.cholesky.to(features.dtype), centred.transpose(1, 2), upper=False)

@@ -69,11 +69,11 @@ class URANet(nn.Module):
             ``position`` and ``fused`` maps.
         position_dim: channels of the position model's random orthonormal projection.
         anomaly_map_source: what the map is the residual of: ``"memory"`` (each input feature against its
-            nearest learned normal prototype: the RAM's global normal memory in its hard form; the default and the
-            fastest, since it needs no attention at inference; ``"prototype"`` is its older name),
-            ``"position"`` (Mahalanobis distance to the position model's normal Gaussian at the same position:
-            for aligned parts), ``"fused"`` (both distances standardized by their cross-fitted normal statistics,
-            then summed),
+            nearest learned normal prototype: the RAM's global normal memory in its hard form, the fastest map, since
+            it needs no attention at inference; ``"prototype"`` is its older name), ``"position"`` (Mahalanobis
+            distance to the position model's normal Gaussian at the same position: for aligned parts), ``"fused"``
+            (the default: both distances standardized by their cross-fitted normal statistics, then summed, so that
+            neither the position-free nor the position-aware normal model alone decides),
             ``"restoration"`` (against the RAM's attention restoration from normal context and prototypes),
             ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the anomaly
             probability itself). See docs/design.md for the measurements behind the default.
@@ -111,7 +111,7 @@ class URANet(nn.Module):
         residual: str = "l2",
         position_model: bool = True,
         position_dim: int = 64,
-        anomaly_map_source: str = "memory",
+        anomaly_map_source: str = "fused",
         sigma: float = 4.0,
         score_mode: str = "max",
         top_k: float = 0.01,
