@@ -65,8 +65,10 @@ def test_positional_gaussian_before_fit_one_sample_and_wrong_grids():
     one = torch.randn(1, 4, 2, 2)
     model.fit(one)  # a single normal image: its features are the mean, the covariance is the regularization
     assert torch.isfinite(model(x)).all() and model(one).abs().max() < 1e-4
-    with pytest.raises(ValueError, match="grid"):
-        model(torch.zeros(1, 4, 3, 3))
+    # another grid (an image of another aspect): resampled to the model's grid and back
+    assert model(torch.randn(1, 4, 3, 5)).shape == (1, 1, 3, 5)
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.zeros(1, 3, 2, 2))
 
 
 def _small(source: str, **kw) -> URANet:

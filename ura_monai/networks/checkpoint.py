@@ -211,5 +211,6 @@ def load_checkpoint(
     """
     checkpoint = read_checkpoint(path)
     model = URANet(**{**checkpoint["config"], **overrides})
-    load_into(model, checkpoint, str(path))
+    # what the caller changes on purpose (e.g. another anomaly_map_source) is not a mismatch
+    load_into(model, {**checkpoint, "config": {**checkpoint["config"], **overrides}}, str(path))
     return model.to(device).eval(), checkpoint

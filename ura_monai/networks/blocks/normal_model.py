@@ -11,6 +11,7 @@ covariances, one per position, would otherwise dominate memory and time).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["PositionalGaussian"]
@@ -38,8 +39,9 @@ class PositionalGaussian(nn.Module):
         self.register_buffer("projection", basis)
         positions = self.grid_size[0] * self.grid_size[1]
         self.register_buffer("mean", torch.zeros(positions, self.dim))
-        # before ``fit``: zero mean and unit covariance (the distance is the projected feature's norm)
-        self.register_buffer("cholesky", torch.eye(self.dim).expand(positions, -1, -1).clone())
+        # inverse Cholesky factor of each position's covariance (a matrix product at inference, which TorchScript
+        # and ONNX export); before ``fit``: zero mean and unit covariance (the distance is the projected feature's norm)
+        self.register_buffer("whitening", torch.eye(self.dim).expand(positions, -1, -1).clone())
 
     def _tokens(self, features: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) -> (h*w, B, dim) projected features, position-major."""
@@ -62,13 +64,21 @@ class PositionalGaussian(nn.Module):
         for part, mu in zip(tokens.split(chunk), mean.split(chunk)):
             centred = part - mu.unsqueeze(1)
             cov = centred.transpose(1, 2) @ centred / max(part.shape[1] - 1, 1) + reg * eye
-            factors.append(torch.linalg.cholesky(cov))
+            factor = torch.linalg.cholesky(cov)
+            factors.append(torch.linalg.solve_triangular(factor, eye.expand_as(factor), upper=False))
         self.mean.copy_(mean.to(self.mean))
-        self.cholesky.copy_(torch.cat(factors).to(self.cholesky))
+        self.whitening.copy_(torch.cat(factors).to(self.whitening))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Mahalanobis distance of each position's features to its normal Gaussian, (B, 1, h, w)."""
+        """Mahalanobis distance of each position's features to its normal Gaussian, (B, 1, h, w).
+
+        Features on another grid (an image of another size or aspect than the training size) are resampled to
+        the model's grid, which describes the resized image frame, and the distances back to theirs."""
+        size = tuple(features.shape[-2:])
+        if size != self.grid_size:
+            resized = F.interpolate(features, size=self.grid_size, mode="bilinear", align_corners=False)
+            return F.interpolate(self(resized), size=size, mode="bilinear", align_corners=False)
         b, _, h, w = features.shape
         centred = self._tokens(features) - self.mean.to(features.dtype).unsqueeze(1)  # (h*w, B, dim)
-        whitened = torch.linalg.solve_triangular(self.cholesky.to(features.dtype), centred.transpose(1, 2), upper=False)
+        whitened = torch.bmm(self.whitening.to(features.dtype), centred.transpose(1, 2))  # (h*w, dim, B)
         return whitened.pow(2).sum(dim=1).sqrt().transpose(0, 1).reshape(b, 1, h, w)
