@@ -7,6 +7,11 @@ The reference is PatchCore without coreset: each test patch's distance to its ne
 upsampled and smoothed exactly like URA-Net's map, image score = max. The last line printed is one JSON
 object with the model's figures, the reference's under "reference" (and its variants: 1,024 random patches,
 level-equalized features) and, with --ablation, each ablation's (FASM, UIAPM, RAM off; raw level scales).
+
+Every entry has the same metric keys (``METRIC_KEYS``, computed by ``quality_metrics``): image_auroc,
+pixel_auroc, aupro, f1_max (image level), pixel_ap, pixel_f1_max, uncertainty_error_auroc (null for the
+references, which have no uncertainty, and for a constant uncertainty), and normal_fpr / anomalous_tpr at the
+entry's image_threshold, set on the held-out normal training images as ``fit`` sets the stored one.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 
@@ -22,81 +28,127 @@ import torch
 from ura_monai.data import build_datalist
 from ura_monai.engines.features import extract_feature_bank
 from ura_monai.engines.loaders import image_loader
-from ura_monai.engines.workflow import fit, split_normal_validation, test
-from ura_monai.metrics import aupro, f1_max, image_auroc, pixel_auroc
+from ura_monai.engines.workflow import compute_thresholds, fit, run_inference, split_normal_validation
+from ura_monai.metrics import AnomalyDetectionMetric
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.checkpoint import load_checkpoint
+from ura_monai.transforms.thresholds import normal_postprocessing_stats
 from ura_monai.utils.enums import AugmentView, Backbone, Layout, ScoreMode
 
-METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+METRIC_KEYS = (
+    "image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_ap", "pixel_f1_max", "uncertainty_error_auroc", "normal_fpr", "anomalous_tpr",
+)
+# the default map is the model's own (URANet's anomaly_map_source default); these are the others, same trained model
+MAP_VARIANTS = ("memory", "position", "fused", "restoration", "restored", "perception")
 ABLATIONS = {"no_fasm": {"use_fasm": False}, "no_uiapm": {"use_uiapm": False}, "no_ram": {"use_ram": False}, "raw_levels": {"equalize_levels": False}}
 
 
+def quality_metrics(scores, labels, maps, masks, uncertainty=None, image_threshold=None) -> dict:
+    """Every detection figure of the bench from one set of outputs (the model's, a map-source variant's or a
+    reference's), computed by the package's ``AnomalyDetectionMetric`` in float32: ``METRIC_KEYS``, NaN -> null.
+
+    ``uncertainty`` None (the references have none) makes ``uncertainty_error_auroc`` null; ``normal_fpr`` /
+    ``anomalous_tpr`` are the fractions of normal / anomalous test images with ``score >= image_threshold``.
+    """
+    metric = AnomalyDetectionMetric(map_dtype=torch.float32, image_threshold=image_threshold)
+    metric.update((scores, labels, maps, masks, uncertainty))
+    values = metric.compute()
+    return {k: (round(values[k], 4) if math.isfinite(values[k]) else None) for k in METRIC_KEYS}
+
+
+def test_masks(test_items, args) -> torch.Tensor:
+    """Ground-truth masks (N, 1, H, W) of the test items, in the order and size every output below has."""
+    return torch.cat([batch["mask"] > 0.5 for batch in image_loader(test_items, args.image_size, 8, 0)])
+
+
+def threshold_items(train_items, args) -> list:
+    """The held-out normal training images that ``fit`` sets the stored thresholds on (same split and fallback)."""
+    fit_items, val_items = split_normal_validation(train_items, 0.1, args.seed)
+    return val_items or fit_items
+
+
 @torch.no_grad()
-def nearest_neighbour_reference(train_items, test_items, args, device, subset: int | None = None, equalize_levels: bool = False) -> dict:
+def nearest_neighbour_reference(train_items, test_items, masks, args, device, subset: int | None = None, equalize_levels: bool = False) -> dict:
     """PatchCore without coreset on the same extractor, training views and smoothing as URA-Net.
 
-    With ``subset``, the memory is that many training patches drawn at random (seeded): the peer of URA-Net's
-    prototype memory of the same size. With ``equalize_levels``, features are scaled per level as URA-Net's
-    are (``PretrainedFeatureExtractor.fit_level_scale``), to show what that scaling alone does.
+    The memory holds the training images minus the held-out normal split, and the image threshold is set
+    on that split exactly as ``fit`` sets the model's (``normal_postprocessing_stats``), so ``normal_fpr`` /
+    ``anomalous_tpr`` compare like with like. With ``subset``, the memory is that many training patches
+    drawn at random (seeded): the peer of URA-Net's prototype memory of the same size. With
+    ``equalize_levels``, features are scaled per level as URA-Net's are
+    (``PretrainedFeatureExtractor.fit_level_scale``), to show what that scaling alone does.
     """
+    fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
     start = time.perf_counter()
     extractor = PretrainedFeatureExtractor(args.backbone, image_size=args.image_size).to(device)
-    bank = extract_feature_bank(extractor, image_loader(train_items, args.image_size, 8, 0), device, args.augment, progress=False)
+    bank = extract_feature_bank(extractor, image_loader(fit_items, args.image_size, 8, 0), device, args.augment, progress=False)
     if equalize_levels:
         bank = extractor.fit_level_scale(bank.to(device))
     memory = bank.permute(0, 2, 3, 1).reshape(-1, bank.shape[1]).to(device)
     if subset is not None:
         memory = memory[torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(args.seed))[:subset].to(device)]
-    fit_seconds = time.perf_counter() - start
     generator = AnomalyMapGenerator(sigma=4.0).to(device)
-    scores, labels, maps, masks = [], [], [], []
+
+    def score(items):
+        scores, maps = [], []
+        for batch in image_loader(items, args.image_size, 8, 0):
+            feats = extractor(batch["image"].to(device))
+            b, c, h, w = feats.shape
+            queries = feats.permute(0, 2, 3, 1).reshape(-1, c)
+            dist = torch.cat([torch.cdist(q, memory).amin(dim=1) for q in queries.split(2048)])
+            amap = generator(dist.view(b, 1, h, w), batch["image"].shape[-2:])
+            scores.append(image_score(amap, "max").cpu())
+            maps.append(amap.cpu())
+        return torch.cat(scores), torch.cat(maps)
+
+    threshold = normal_postprocessing_stats(*score(threshold_items(train_items, args)))["image_threshold"]
+    fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    for batch in image_loader(test_items, args.image_size, 8, 0):
-        feats = extractor(batch["image"].to(device))
-        b, c, h, w = feats.shape
-        queries = feats.permute(0, 2, 3, 1).reshape(-1, c)
-        dist = torch.cat([torch.cdist(q, memory).amin(dim=1) for q in queries.split(2048)])
-        amap = generator(dist.view(b, 1, h, w), batch["image"].shape[-2:])
-        scores.append(image_score(amap, "max").cpu())
-        labels.append(batch["label"])
-        maps.append(amap.cpu())
-        masks.append(batch["mask"])
+    scores, maps = score(test_items)
     seconds = time.perf_counter() - start
-    return _metrics(torch.cat(scores), torch.cat(labels), torch.cat(maps), torch.cat(masks)) | {
+    labels = torch.tensor([int(item["label"]) for item in test_items])
+    return quality_metrics(scores, labels, maps, masks, None, threshold) | {
+        "image_threshold": round(threshold, 6),
         "fit_seconds": round(fit_seconds, 2),
         "test_images_per_second": round(len(test_items) / seconds, 3),
     }
 
 
-def _metrics(scores, labels, maps, masks) -> dict:
-    out = {"image_auroc": image_auroc(scores, labels), "f1_max": f1_max(scores, labels)}
-    if masks.sum() > 0:
-        out["pixel_auroc"] = pixel_auroc(maps, masks)
-        out["aupro"] = aupro(maps, masks)
-    else:
-        out["pixel_auroc"] = out["aupro"] = float("nan")
-    return out
+def model_metrics(model, test_items, masks, args, image_threshold: float) -> dict:
+    """Run the model over the test items (uncertainty passes at its own setting) and compute its figures."""
+    start = time.perf_counter()
+    _, outputs = run_inference(model, test_items, args.image_size, args.batch_size, args.device, progress=False)
+    seconds = time.perf_counter() - start
+    figures = quality_metrics(
+        torch.tensor([o["pred_score"] for o in outputs]),
+        torch.tensor([o["label"] for o in outputs]),
+        torch.stack([o["anomaly_map"] for o in outputs]).float(),
+        masks,
+        torch.stack([o["uncertainty_map"] for o in outputs]).float(),
+        image_threshold,
+    )
+    return figures | {"image_threshold": round(image_threshold, 6), "test_images_per_second": round(len(outputs) / seconds, 3)}
 
 
-def run_model(train_items, test_items, args, model_kwargs: dict, tag: str, map_sources: tuple[str, ...] = ()) -> dict:
+def run_model(train_items, test_items, masks, args, model_kwargs: dict, tag: str, map_sources: tuple[str, ...] = ()) -> dict:
     out_dir = f"{args.work_dir}/{tag}"
     fitted = fit(
         train_items, out_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
         learning_rate=args.lr, augment=args.augment, seed=args.seed, device=args.device, progress=False,
         model_kwargs={"backbone": args.backbone, "score_mode": args.score_mode, **model_kwargs},
     )
-    result = test(fitted["checkpoint"], test_items, f"{out_dir}/test", device=args.device, progress=False)
-    figures = {k: round(result[k], 4) for k in METRIC_KEYS} | {
-        "fit_seconds": fitted["fit_seconds"],
-        "test_images_per_second": result["test_images_per_second"],
-    }
-    # the same trained model with its other anomaly-map definitions (inference-only switches)
-    for source in map_sources:
+    model, checkpoint = load_checkpoint(fitted["checkpoint"], args.device)
+    figures = model_metrics(model, test_items, masks, args, checkpoint["postprocessing"]["image_threshold"])
+    figures["fit_seconds"] = fitted["fit_seconds"]
+    # the same trained model with its other anomaly-map definitions (inference-only switches); each map has
+    # its own image threshold, set as fit sets the stored one (held-out normal images, and the training images
+    # cross-fitted for the normal-model maps)
+    for source in [s for s in map_sources if s != model.anomaly_map_source]:
         model, _ = load_checkpoint(fitted["checkpoint"], args.device, anomaly_map_source=source)
-        other = test(model, test_items, device=args.device, progress=False)
-        figures[f"map_{source}"] = {k: round(other[k], 4) for k in METRIC_KEYS} | {"test_images_per_second": other["test_images_per_second"]}
+        threshold = compute_thresholds(model, threshold_items(train_items, args), args.image_size, batch_size=args.batch_size,
+                                       device=args.device, training_features=fitted["features"])
+        figures[f"map_{source}"] = model_metrics(model, test_items, masks, args, threshold["image_threshold"])
     return figures
 
 
@@ -107,7 +159,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--category", default=None)
     parser.add_argument("--num-train-normal", type=int, default=None, help="oct2017 flat root: NORMAL images used for training")
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--augment", default="none", choices=AugmentView.choices())
@@ -127,15 +179,14 @@ def main(argv=None) -> dict:
     test_items = build_datalist(args.layout, args.root, args.category, "test", **kw)
     device = torch.device(args.device)
 
-    result = {} if args.reference_only else run_model(train_items, test_items, args, {}, "full", map_sources=("restoration", "restored", "perception"))
+    masks = test_masks(test_items, args)
+    result = {} if args.reference_only else run_model(train_items, test_items, masks, args, {}, "full", map_sources=MAP_VARIANTS)
     # the references see the same training images as URA-Net (minus the normal validation split)
-    fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
-    rounded = lambda d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}  # noqa: E731
-    result["reference"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device))
-    result["reference_random_1024"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device, subset=1024))
-    result["reference_equalized_levels"] = rounded(nearest_neighbour_reference(fit_items, test_items, args, device, equalize_levels=True))
+    result["reference"] = nearest_neighbour_reference(train_items, test_items, masks, args, device)
+    result["reference_random_1024"] = nearest_neighbour_reference(train_items, test_items, masks, args, device, subset=1024)
+    result["reference_equalized_levels"] = nearest_neighbour_reference(train_items, test_items, masks, args, device, equalize_levels=True)
     if args.ablation and not args.reference_only:
-        result["ablation"] = {tag: run_model(train_items, test_items, args, kw_, tag) for tag, kw_ in ABLATIONS.items()}
+        result["ablation"] = {tag: run_model(train_items, test_items, masks, args, kw_, tag) for tag, kw_ in ABLATIONS.items()}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("work_dir",)} | {
         "train_images": len(train_items), "test_images": len(test_items), "torch_threads": torch.get_num_threads(),
     }

@@ -22,6 +22,7 @@ from PIL import Image
 from ura_monai.cli import main
 from ura_monai.inference.dicom_inference import SlicePredictor
 from ura_monai.inference.predictor import URANetPredictor
+from ura_monai.metrics import ANOMALY_METRIC_NAMES
 from ura_monai.networks.checkpoint import read_checkpoint
 
 SIZE = 64
@@ -58,6 +59,18 @@ def test_demo_writes_metrics_overlays_and_scores(demo, capsys):
     metrics = json.loads((demo / "test" / "metrics.json").read_text())
     assert isinstance(metrics["image_auroc"], float) and 0.0 <= metrics["image_auroc"] <= 1.0
     assert (demo / "test" / "per_image.csv").is_file() and (demo / "test" / "roc_curve.png").is_file()
+    # every metric is reported; the decision rates use the checkpoint's stored image threshold and the
+    # predictor's rule (score >= threshold) on the per-image scores
+    assert set(ANOMALY_METRIC_NAMES) <= set(metrics)
+    stored = read_checkpoint(demo / "model" / "model.pt")["postprocessing"]
+    assert metrics["image_threshold"] == pytest.approx(stored["image_threshold"], abs=0)
+    per_image = _read_csv(demo / "test" / "per_image.csv")
+    for label, key in (("0", "normal_fpr"), ("1", "anomalous_tpr")):
+        flagged = [float(row["pred_score"]) >= metrics["image_threshold"] for row in per_image if row["label"] == label]
+        assert metrics[key] == pytest.approx(sum(flagged) / len(flagged), abs=1e-12)
+    # the checkpoint's uncertainty passes run, so the uncertainty is not constant and the error AUROC exists
+    for key in ("pixel_ap", "pixel_f1_max", "uncertainty_error_auroc"):
+        assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])
     figures = sorted((demo / "test" / "maps").glob("*.png"))
     assert 1 <= len(figures) <= 8
     assert any("_anomalous_" in f.name for f in figures) and any("_normal_" in f.name for f in figures)

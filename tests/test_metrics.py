@@ -9,18 +9,27 @@ import pytest
 import torch
 from ignite.engine import Engine
 from scipy import ndimage
-from sklearn.metrics import precision_recall_curve, roc_auc_score
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 from sklearn.metrics import roc_curve as sklearn_roc_curve
 
 from ura_monai.metrics import (
+    ANOMALY_METRIC_NAMES,
     AnomalyDetectionMetric,
+    anomalous_tpr,
+    from_anomaly_output,
     aupro,
     auroc,
+    average_precision,
     f1_max,
     f1_max_threshold,
     image_auroc,
+    normal_fpr,
+    pixel_ap,
     pixel_auroc,
+    pixel_f1_max,
+    pixel_f1_max_threshold,
     roc_curve,
+    uncertainty_error_auroc,
 )
 
 
@@ -137,6 +146,87 @@ def test_pixel_auroc_matches_sklearn_with_ties():
     assert pixel_auroc(map_list, mask_list) == pytest.approx(roc_auc_score(flat_masks, flat_maps), abs=1e-9)
 
 
+# Two 2x2 images; A is anomalous, B normal. Sorted pixel scores (label): 0.9(1) 0.8(0) 0.7(1) 0.6(0) 0.4(0)
+# 0.2(1) 0.1(0) 0.1(0), 3 anomalous pixels.
+HAND_MAPS = np.array([[[[0.9, 0.7], [0.6, 0.2]]], [[[0.8, 0.4], [0.1, 0.1]]]], dtype=np.float32)
+HAND_MASKS = np.array([[[[1, 1], [0, 1]]], [[[0, 0], [0, 0]]]], dtype=np.float32)
+HAND_UNCERTAINTY = np.array([[[[0.1, 0.5], [0.2, 0.5]]], [[[0.7, 0.3], [0.0, 0.5]]]], dtype=np.float32)
+
+
+def test_pixel_ap_and_f1_max_hand_worked_case():
+    # threshold: TP FP -> precision, recall, F1 = 2 TP / (TP + FP + 3)
+    # 0.9: 1 0 -> 1, 1/3, 1/2      0.8: 1 1 -> no recall gain, F1 2/5
+    # 0.7: 2 1 -> 2/3, 2/3, 2/3    0.6: 2 2 -> F1 4/7        0.4: 2 3 -> F1 1/2
+    # 0.2: 3 3 -> 1/2, 1, 2/3      0.1 (tie of two): 3 5 -> F1 6/11
+    # AP = 1/3 * 1 + 1/3 * 2/3 + 1/3 * 1/2 = 13/18 (only thresholds that add recall count)
+    assert pixel_ap(HAND_MAPS, HAND_MASKS) == pytest.approx(13 / 18, abs=1e-12)
+    # F1-max 2/3 is reached at 0.7 and at 0.2: the highest threshold is returned
+    best_f1, threshold = pixel_f1_max_threshold(HAND_MAPS, HAND_MASKS)
+    assert best_f1 == pytest.approx(2 / 3, abs=1e-12) and threshold == pytest.approx(0.7)
+    assert pixel_f1_max(HAND_MAPS, HAND_MASKS) == best_f1
+    # the same pixels as a flat list of image scores give the same AP (one definition for both levels)
+    assert average_precision(HAND_MAPS.ravel(), HAND_MASKS.ravel()) == pytest.approx(13 / 18, abs=1e-12)
+    # ties enter together: scores 0.9(1) 0.8(0) 0.8(1) 0.3(0) 0.1(1) -> AP = 1/3*1 + 1/3*2/3 + 1/3*3/5 = 34/45
+    # (counting the tied positive before its negative would give 1/3 + 1/3 + 1/5 = 13/15 instead)
+    assert average_precision([0.9, 0.8, 0.8, 0.3, 0.1], [1, 0, 1, 0, 1]) == pytest.approx(34 / 45, abs=1e-12)
+
+
+def test_uncertainty_error_auroc_hand_worked_case():
+    # At the F1-optimal threshold 0.7 (above), pixels >= 0.7 are predicted anomalous: 0.9 (A, right),
+    # 0.8 (B, a false positive: wrong), 0.7 (A, right); 0.2 in A is a missed anomaly (wrong); the rest are right.
+    # Wrong pixels' uncertainty: 0.7 (B[0,0]) and 0.5 (A[1,1]); right ones: 0.1 0.5 0.2 0.3 0.0 0.5.
+    # 0.7 beats all 6; 0.5 beats 4 and ties 2 (1/2 each) -> 5. AUROC = (6 + 5) / (2 * 6) = 11/12.
+    # (At the other F1-optimal threshold 0.2 the wrong pixels would be 0.8, 0.6 and 0.4: a different value.)
+    assert uncertainty_error_auroc(HAND_MAPS, HAND_UNCERTAINTY, HAND_MASKS) == pytest.approx(11 / 12, abs=1e-12)
+    # the uncertainty ranks right pixels as the uncertain ones instead: the AUROC flips to 1 - 11/12
+    flipped = uncertainty_error_auroc(HAND_MAPS, 1.0 - HAND_UNCERTAINTY, HAND_MASKS)
+    assert flipped == pytest.approx(1 / 12, abs=1e-6)
+    # undefined cases are NaN: constant (e.g. zero, no stochastic passes) uncertainty, and a perfect map
+    assert math.isnan(uncertainty_error_auroc(HAND_MAPS, np.zeros_like(HAND_MAPS), HAND_MASKS))
+    assert math.isnan(uncertainty_error_auroc(HAND_MASKS * 0.5, HAND_UNCERTAINTY, HAND_MASKS))
+    with pytest.raises(ValueError, match="anomalous sample"):
+        uncertainty_error_auroc(HAND_MAPS, HAND_UNCERTAINTY, np.zeros_like(HAND_MASKS))
+    with pytest.raises(ValueError, match="uncertainty maps contain NaN"):
+        uncertainty_error_auroc(HAND_MAPS, np.full_like(HAND_MAPS, np.nan), HAND_MASKS)
+
+
+def test_pixel_ap_f1_and_error_auroc_match_sklearn_with_ties():
+    rng = np.random.default_rng(8)
+    masks = blob_masks(rng, num_images=6, size=24)
+    maps = np.round(noisy_maps(rng, masks), 1)  # coarse values: many ties across classes
+    uncertainty = np.round(np.abs(noisy_maps(rng, masks)) + rng.uniform(size=masks.shape) * 0.5, 1)
+    flat_masks, flat_maps = masks.ravel() > 0.5, maps.ravel()
+    assert pixel_ap(maps, masks) == pytest.approx(average_precision_score(flat_masks, flat_maps), abs=1e-9)
+    assert pixel_ap(torch.from_numpy(maps), torch.from_numpy(masks)) == pytest.approx(
+        average_precision_score(flat_masks, flat_maps), abs=1e-9
+    )
+
+    precision, recall, thresholds = precision_recall_curve(flat_masks, flat_maps)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        f1 = np.nan_to_num(2 * precision * recall / (precision + recall))[:-1]
+    assert pixel_f1_max(maps, masks) == pytest.approx(f1.max(), abs=1e-9)
+
+    # error AUROC by scikit-learn: highest F1-optimal threshold, wrong = prediction != mask
+    best_threshold = thresholds[np.isclose(f1, f1.max(), rtol=0, atol=1e-12)].max()
+    wrong = (flat_maps >= best_threshold) != flat_masks
+    expected = roc_auc_score(wrong, uncertainty.ravel())
+    assert 0.5 < expected < 1.0  # informative but imperfect, so a wrong threshold or class swap shows
+    assert uncertainty_error_auroc(maps, uncertainty, masks) == pytest.approx(expected, abs=1e-9)
+    assert uncertainty_error_auroc(maps, -uncertainty, masks) == pytest.approx(1.0 - expected, abs=1e-9)
+
+
+def test_image_decision_rates_at_a_threshold():
+    scores, labels = np.array([0.2, 0.5, 0.5, 0.9, 0.3]), np.array([0, 0, 1, 1, 0])
+    # flagged when score >= threshold (the predictor's rule): normals 0.2 0.5 0.3, anomalies 0.5 0.9
+    assert normal_fpr(scores, labels, 0.5) == pytest.approx(1 / 3)
+    assert anomalous_tpr(scores, labels, 0.5) == 1.0
+    assert normal_fpr(scores, labels, 0.6) == 0.0
+    assert anomalous_tpr(scores, labels, 0.6) == 0.5
+    assert math.isnan(anomalous_tpr([0.1, 0.2], [0, 0], 0.5))  # no anomalous image
+    with pytest.raises(ValueError, match="finite"):
+        normal_fpr(scores, labels, math.nan)
+
+
 # ---------------------------------------------------------------------------------------------- image level
 
 
@@ -212,16 +302,26 @@ def make_batches(rng: np.random.Generator, num_batches: int = 4, batch_size: int
 
 def test_ignite_metric_matches_functions():
     batches, scores, labels, maps, masks = make_batches(np.random.default_rng(6))
+    uncertainty = np.abs(noisy_maps(np.random.default_rng(60), masks)).astype(np.float16).astype(np.float32)
+    for i, batch in enumerate(batches):
+        batch["uncertainty_map"] = torch.from_numpy(uncertainty[i * 3 : i * 3 + 3])
+    threshold = float(np.median(scores))
     engine = Engine(lambda _engine, batch: batch)
-    AnomalyDetectionMetric().attach(engine, "anomaly")
+    AnomalyDetectionMetric(image_threshold=threshold).attach(engine, "anomaly")
     metrics = engine.run(batches, max_epochs=1).metrics
     expected = {
         "image_auroc": image_auroc(scores, labels),
         "pixel_auroc": pixel_auroc(maps, masks),
         "aupro": aupro(maps, masks),
         "f1_max": f1_max(scores, labels),
+        "pixel_ap": pixel_ap(maps, masks),
+        "pixel_f1_max": pixel_f1_max(maps, masks),
+        "uncertainty_error_auroc": uncertainty_error_auroc(maps, uncertainty, masks),
+        "normal_fpr": normal_fpr(scores, labels, threshold),
+        "anomalous_tpr": anomalous_tpr(scores, labels, threshold),
     }
-    assert set(metrics["anomaly"]) == set(expected)
+    assert set(metrics["anomaly"]) == set(expected) == set(ANOMALY_METRIC_NAMES)
+    assert all(math.isfinite(value) for value in expected.values())
     for key, value in expected.items():
         assert metrics["anomaly"][key] == pytest.approx(value, abs=1e-12)
         assert metrics[key] == metrics["anomaly"][key]  # ignite flattens the dict into state.metrics
@@ -237,7 +337,18 @@ def test_ignite_metric_decollated_output_single_name_and_nan():
     AnomalyDetectionMetric(metric_names="image_auroc").attach(engine, "image_auroc")
     assert engine.run(decollated).metrics["image_auroc"] == pytest.approx(image_auroc(scores, labels), abs=1e-12)
 
-    # normal-only images, no maps: every value is NaN instead of an error
+    # without uncertainty maps or a threshold, those metrics are NaN while the others are computed
     metric = AnomalyDetectionMetric()
+    for batch in batches:
+        metric.update(from_anomaly_output({k: v for k, v in batch.items() if k != "uncertainty_map"}))
+    partial = metric.compute()
+    assert all(math.isnan(partial[k]) for k in ("uncertainty_error_auroc", "normal_fpr", "anomalous_tpr"))
+    assert partial["pixel_ap"] == pytest.approx(pixel_ap(*make_batches(np.random.default_rng(7))[3:]), abs=1e-12)
+
+    # normal-only images, no maps: every value is NaN instead of an error
+    # (except normal_fpr, defined on normal images alone: 0.4 flagged at threshold 0.4, 0.1 not)
+    metric = AnomalyDetectionMetric(image_threshold=0.4)
     metric.update((torch.tensor([0.1, 0.4]), torch.tensor([0, 0])))
-    assert all(math.isnan(value) for value in metric.compute().values())
+    values = metric.compute()
+    assert values.pop("normal_fpr") == 0.5
+    assert all(math.isnan(value) for value in values.values())

@@ -112,9 +112,10 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
     p.add_argument("--score-mode", choices=ScoreMode.choices(), default="max", help="image score from the anomaly map (default max)")
-    p.add_argument("--map-source", choices=MapSource.choices(), default="prototype",
-                   help="anomaly map: residual to the nearest prototype (default, fastest) or to the RAM's attention "
-                        "restoration (best localization after a full schedule, about 3x slower on CPU); see docs/benchmarks.md")
+    p.add_argument("--map-source", choices=MapSource.choices(), default="fused",
+                   help="anomaly map: the calibrated sum (fused, default) of the distance to the nearest normal prototype "
+                        "(memory: fastest) and to the normal Gaussian at the same position (position: aligned parts), or the RAM's "
+                        "attention restoration (restoration: about 3x slower on CPU); see docs/benchmarks.md")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
@@ -136,7 +137,8 @@ def _add_test_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding workers (default 0)")
     p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty panel of the map figures (default: the checkpoint's)")
+                   help="perception passes for the uncertainty map: metrics.json's uncertainty_error_auroc and the "
+                        "figures' uncertainty panel (default: the checkpoint's; 0: none, the metric is then NaN)")
     p.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for the metrics and figures (not inside ROOT)")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_test)
@@ -271,7 +273,8 @@ def _evaluate(predictor: Any, items: list[dict[str, Any]], output_dir: Path, bat
     from ura_monai.engines.workflow import test
 
     result = test(predictor.model, items, output_dir, batch_size=batch_size, device=device, num_workers=num_workers,
-                  num_samples=0, progress=progress, image_size=predictor.image_size, channels=predictor.channels)
+                  num_samples=predictor.num_samples, progress=progress, image_size=predictor.image_size,
+                  image_threshold=predictor.image_threshold, channels=predictor.channels)
     per_image = result.pop("per_image")
     figures = _save_map_figures(predictor, per_image, output_dir / "maps")
     logger.info("wrote %s, per_image.csv, roc_curve.png and %d map figures under %s", output_dir / "metrics.json", len(figures), output_dir)

@@ -122,6 +122,9 @@ def fit_normal_statistics(network: torch.nn.Module, bank: torch.Tensor, generato
     ram = getattr(model, "ram", None)
     if ram is not None:
         broadcast_from_rank0_(ram.prototypes)
+    if getattr(model, "position_model", None) is not None:
+        for buffer in (*model.position_model.buffers(), model.map_calibration):
+            broadcast_from_rank0_(buffer)
     return bank
 
 

@@ -17,6 +17,7 @@ from ignite.handlers.tqdm_logger import ProgressBar
 from monai.utils import set_determinism
 
 from ura_monai.engines.evaluator import URANetEvaluator
+from ura_monai.networks.blocks.anomaly_map import image_score
 from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.schedule import CosineDecay
@@ -24,7 +25,7 @@ from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.utils.fileio import atomic_torch_save, atomic_write_text
 from ura_monai.utils.paths import mark_output_dir
 from ura_monai.losses.ura_loss import URANetLoss
-from ura_monai.metrics import AnomalyDetectionMetric
+from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
@@ -178,15 +179,26 @@ def compute_thresholds(
     device: str | torch.device = "cpu",
     num_workers: int = 0,
     amp: bool = False,
+    training_features: torch.Tensor | None = None,
 ) -> dict[str, float]:
-    """Image and pixel thresholds from held-out normal images (``normal_postprocessing_stats`` of their scores
-    and maps), with the uncertainty passes off: they do not change the map. ``network`` may be DDP-wrapped; its
-    train/eval mode is restored."""
+    """Image and pixel thresholds from normal data (``normal_postprocessing_stats`` of their scores and maps): the
+    held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the
+    cached ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each
+    block scored by normal models fitted without it), so that the thresholds rest on every normal image instead
+    of a handful. ``network`` may be DDP-wrapped; its train/eval mode is restored."""
     model = unwrap(network)
     was_training = model.training
     _, outputs = run_inference(model, data, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False, channels=channels)
     model.train(was_training)
-    return normal_postprocessing_stats([o["pred_score"] for o in outputs], torch.stack([o["anomaly_map"] for o in outputs]))
+    scores = [float(o["pred_score"]) for o in outputs]
+    maps = [torch.stack([o["anomaly_map"] for o in outputs]).float().cpu()] if outputs else []
+    grid = None if training_features is None else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device))
+    if grid is not None:
+        for part in grid.split(32):
+            part_maps = model.map_generator(part, (image_size, image_size))
+            scores += image_score(part_maps, model.score_mode, model.top_k).tolist()
+            maps.append(part_maps.float().cpu())
+    return normal_postprocessing_stats(scores, torch.cat(maps) if maps else None)
 
 
 def fit(
@@ -236,7 +248,8 @@ def fit(
         loss_kwargs: ``URANetLoss`` weights.
 
     Returns:
-        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds`` and the final loss terms.
+        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the final loss terms,
+        the trained ``model`` and the cached normal ``features`` it was fitted on (under the fitted level scale).
     """
     start = time.perf_counter()
     set_determinism(seed)
@@ -258,12 +271,14 @@ def fit(
     train_seconds = time.perf_counter() - start
 
     # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
-    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device, num_workers=num_workers, amp=amp)
+    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device,
+                                        num_workers=num_workers, amp=amp, training_features=dataset.bank)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
              "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2)}
     checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
     logger.info("wrote %s", checkpoint)
-    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model}
+    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model,
+            "features": dataset.bank}
 
 
 def _fit_and_threshold_items(train_items: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict], int]:
@@ -409,10 +424,11 @@ def test(
     batch_size: int = 8,
     device: str | torch.device = "cpu",
     num_workers: int = 0,
-    num_samples: int | None = 0,
+    num_samples: int | None = None,
     amp: bool = False,
     progress: bool = True,
     image_size: int | None = None,
+    image_threshold: float | None = None,
     channels: int | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or model) on labelled test items.
@@ -423,8 +439,16 @@ def test(
     Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score)
     and ``roc_curve.png``.
 
+    Args:
+        num_samples: perception passes for the uncertainty map (default None: the model's setting); 0 is
+            faster (map and score only) but the uncertainty is then zero and ``uncertainty_error_auroc`` NaN.
+        image_threshold: image threshold for ``normal_fpr`` / ``anomalous_tpr``; defaults to the checkpoint's
+            stored ``postprocessing["image_threshold"]`` (none when a model is given: the rates are NaN).
+
     Returns:
-        dict with ``image_auroc``, ``pixel_auroc``, ``aupro``, ``f1_max`` (NaN where undefined),
+        dict with the metric values of ``ANOMALY_METRIC_NAMES`` (``image_auroc``, ``pixel_auroc``, ``aupro``,
+        ``f1_max``, ``pixel_ap``, ``pixel_f1_max``, ``uncertainty_error_auroc``, ``normal_fpr``,
+        ``anomalous_tpr``; NaN where undefined), ``image_threshold``, ``test_images``,
         ``test_images_per_second`` and ``per_image``.
     """
     if isinstance(checkpoint, URANet):
@@ -432,15 +456,18 @@ def test(
     else:
         model, loaded = load_checkpoint(checkpoint, device)
         channels = channels or loaded.get("extra", {}).get("channels")
+        if image_threshold is None:
+            image_threshold = (loaded.get("postprocessing") or {}).get("image_threshold")
     size = image_size or model.config["image_size"]
     start = time.perf_counter()
     # one channel count per run, so grey and colour test images batch; the network repeats grey to RGB anyway
     metrics, per_image = run_inference(
-        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress, metric=AnomalyDetectionMetric(),
-        channels=channels or 3, warn_conversion=channels is not None,
+        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress,
+        metric=AnomalyDetectionMetric(image_threshold=image_threshold), channels=channels or 3, warn_conversion=channels is not None,
     )
     seconds = time.perf_counter() - start
-    result = {k: metrics.get(k, math.nan) for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max")}
+    result: dict[str, Any] = {k: metrics.get(k, math.nan) for k in ANOMALY_METRIC_NAMES}
+    result["image_threshold"] = image_threshold
     result["test_images"] = len(per_image)
     result["test_images_per_second"] = round(len(per_image) / seconds, 3) if seconds > 0 else math.nan
     rows = [{k: v for k, v in r.items() if not k.endswith("_map")} for r in per_image]

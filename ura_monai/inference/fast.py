@@ -6,7 +6,7 @@ copies nothing) and returns what ``URANet.forward`` returns, the same maps to wi
 
 - it runs under ``torch.inference_mode`` and never leaves the device: no host syncs, no per-image loops;
 - the perception module's stochastic passes run only when asked for (``num_samples > 0``), in its own batched
-  call (same random draws, in the same order, as the reference path); the ``prototype`` map needs no perception
+  call (same random draws, in the same order, as the reference path); the normal-model maps (``memory``, ``position``, ``fused``) need no perception
   at all and no attention (the module's own chunked nearest-prototype distance, kept in float32 under autocast);
 - the restoration attention (RAM) computes only what the map needs (the restoration; the perception-gated
   ``restored`` features only when the map is made from them), either in blocks of queries
@@ -43,6 +43,7 @@ from torch import nn
 
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.ram import RestorationAttention
+from ura_monai.networks.nets.ura_net import NORMAL_MODEL_SOURCES
 
 __all__ = ["FastURANet", "StageTimer", "ATTENTION_MODES", "fast_restoration", "smoothing_matrix", "token_residual", "DTYPES"]
 
@@ -408,8 +409,8 @@ class FastURANet(nn.Module):
         size = tuple(images.shape[-2:])
         source = model.anomaly_map_source
         t = (model.uiapm.num_samples if model.uiapm is not None else 0) if num_samples is None else num_samples
-        # as the reference: the "prototype" map needs no perception, which then runs only for uncertainty passes
-        run_perception = model.uiapm is not None and (source != "prototype" or t > 0)
+        # as the reference: the normal-model maps need no perception, which then runs only for uncertainty passes
+        run_perception = model.uiapm is not None and (source not in NORMAL_MODEL_SOURCES or t > 0)
         with self._stage("features"):
             features = self.features(images)
         b, c, h, w = features.shape
@@ -423,11 +424,15 @@ class FastURANet(nn.Module):
                     uncertainty = None
             if source == "perception":
                 grid = probability
-            elif source == "prototype":
-                with self._stage("prototype_distance"), torch.autocast(images.device.type, enabled=False):
+            elif source in NORMAL_MODEL_SOURCES:
+                with self._stage("normal_model_distance"), torch.autocast(images.device.type, enabled=False):
                     # the module's own chunked computation, in float32 (|x|^2 + |p|^2 - 2 x.p cancels badly in bf16)
                     block = self.block_elements or (_GPU_BLOCK_ELEMENTS if images.is_cuda else _CPU_BLOCK_ELEMENTS)
-                    grid = model.ram.prototype_distance(features.float(), chunk=max(1, block // model.ram.prototypes.shape[0]))
+                    features = features.float()
+                    if source == "memory":
+                        grid = model.ram.prototype_distance(features, chunk=max(1, block // model.ram.prototypes.shape[0]))
+                    else:
+                        grid = model.normal_model_map(features)
             else:
                 tokens = features.flatten(2).transpose(1, 2)  # (B, N, C); contiguous when channels_last
                 with self._stage("ram_attention"):
@@ -470,7 +475,7 @@ class FastURANet(nn.Module):
         self._axis_matrix(h, height, images.device)
         self._axis_matrix(w, width, images.device)
         ram = model.ram
-        if ram is None or model.anomaly_map_source == "prototype":
+        if ram is None or model.anomaly_map_source in NORMAL_MODEL_SOURCES:
             return
         mode = self._attention_mode(images.device)
         if mode == "chunked":

@@ -1,6 +1,7 @@
 """
 An Ignite metric that gathers anomaly scores (and optionally anomaly maps with masks) over an evaluation run
-and reports image AUROC, pixel AUROC, AUPRO and F1-max, usable from MONAI workflows (``key_val_metric`` /
+and reports image AUROC, F1-max, pixel AUROC, AUPRO, pixel AP, pixel F1-max, the uncertainty's error AUROC and the
+decision rates at a stored image threshold, usable from MONAI workflows (``key_val_metric`` /
 ``additional_metrics`` of ``monai.engines.SupervisedEvaluator``) or any ``ignite.engine.Engine``.
 """
 
@@ -15,11 +16,31 @@ import torch
 from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 
-from ura_monai.metrics.functional import aupro, f1_max, image_auroc, pixel_auroc
+from ura_monai.metrics.functional import (
+    anomalous_tpr,
+    aupro,
+    f1_max,
+    image_auroc,
+    normal_fpr,
+    pixel_ap,
+    pixel_auroc,
+    pixel_f1_max,
+    uncertainty_error_auroc,
+)
 
 __all__ = ["ANOMALY_METRIC_NAMES", "AnomalyDetectionMetric", "batch_tensor", "from_anomaly_output"]
 
-ANOMALY_METRIC_NAMES: tuple[str, ...] = ("image_auroc", "pixel_auroc", "aupro", "f1_max")
+ANOMALY_METRIC_NAMES: tuple[str, ...] = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "f1_max",
+    "pixel_ap",
+    "pixel_f1_max",
+    "uncertainty_error_auroc",
+    "normal_fpr",
+    "anomalous_tpr",
+)
 
 
 def batch_tensor(data: Any) -> torch.Tensor:
@@ -38,7 +59,8 @@ def from_anomaly_output(
     label_key: str = "label",
     map_key: str = "anomaly_map",
     mask_key: str = "mask",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    uncertainty_key: str = "uncertainty_map",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """
     Default ``output_transform`` of :class:`AnomalyDetectionMetric`: pick the batch items from an engine output.
 
@@ -52,9 +74,10 @@ def from_anomaly_output(
         label_key: key of the per-image 0/1 labels.
         map_key: key of the anomaly maps; may be absent.
         mask_key: key of the ground-truth masks; may be absent.
+        uncertainty_key: key of the uncertainty maps; may be absent.
 
     Returns:
-        ``(scores, labels, maps, masks)`` as CPU tensors, maps/masks ``None`` when absent.
+        ``(scores, labels, maps, masks, uncertainty)`` as CPU tensors, maps/masks/uncertainty ``None`` when absent.
     """
     if isinstance(output, Mapping):
         items: Sequence[Mapping[str, Any]] | None = None
@@ -76,19 +99,23 @@ def from_anomaly_output(
         return torch.stack([batch_tensor(item[key]) for item in items])  # re-collate per-sample dicts
 
     scores, labels = pick(score_key), pick(label_key)
-    return scores, labels, pick(map_key), pick(mask_key)  # type: ignore[return-value]
+    return scores, labels, pick(map_key), pick(mask_key), pick(uncertainty_key)  # type: ignore[return-value]
 
 
 class AnomalyDetectionMetric(Metric):
     """
     Accumulate per-batch anomaly scores, labels and (optionally) anomaly maps with ground-truth masks, and
-    compute ``{"image_auroc", "pixel_auroc", "aupro", "f1_max"}`` at the end of the run
-    (see :mod:`ura_monai.metrics.functional`).
+    compute ``ANOMALY_METRIC_NAMES`` at the end of the run (see :mod:`ura_monai.metrics.functional`):
+    ``image_auroc``, ``pixel_auroc``, ``aupro``, ``f1_max`` (image level), ``pixel_ap``, ``pixel_f1_max``,
+    ``uncertainty_error_auroc`` and, at ``image_threshold``, ``normal_fpr`` / ``anomalous_tpr``.
 
-    Image metrics (``image_auroc``, ``f1_max``) are NaN when only one class of image label was seen; pixel
-    metrics (``pixel_auroc``, ``aupro``) are NaN when no masks, no anomalous pixel or no normal pixel were seen.
-    Maps are kept on the CPU in ``map_dtype`` (float16 by default: half the memory of float32; values must
-    stay below 65504) and masks as bool.
+    Undefined values are NaN rather than errors: image metrics when only one class of image label was seen;
+    pixel metrics when no masks, no anomalous pixel or no normal pixel were seen; ``uncertainty_error_auroc``
+    also without uncertainty maps, when every pixel is right at the F1-optimal threshold, or when the
+    uncertainty is constant (no stochastic passes); ``normal_fpr`` / ``anomalous_tpr`` without
+    ``image_threshold`` or without images of that class.
+    Maps (and uncertainty maps, kept only when ``uncertainty_error_auroc`` is requested) are kept on the CPU in
+    ``map_dtype`` (float16 by default: half the memory of float32; values must stay below 65504) and masks as bool.
 
     Attached with ``metric.attach(engine, "anomaly")``, ``engine.state.metrics["anomaly"]`` holds the dict and,
     because Ignite flattens mapping results, ``engine.state.metrics["image_auroc"]`` etc. hold each value
@@ -103,11 +130,15 @@ class AnomalyDetectionMetric(Metric):
         evaluator.state.metrics["image_auroc"], evaluator.state.metrics["aupro"]
 
     Args:
-        output_transform: maps ``engine.state.output`` to ``(scores [B], labels [B])`` or
-            ``(scores, labels, maps [B,1,H,W] | None, masks [B,1,H,W] | None)``.
-            Defaults to :func:`from_anomaly_output` (keys "pred_score", "label", "anomaly_map", "mask").
+        output_transform: maps ``engine.state.output`` to ``(scores [B], labels [B])``,
+            ``(scores, labels, maps [B,1,H,W] | None, masks [B,1,H,W] | None)`` or the same with
+            ``uncertainty [B,1,H,W] | None`` last. Defaults to :func:`from_anomaly_output` (keys "pred_score",
+            "label", "anomaly_map", "mask", "uncertainty_map").
         metric_names: the metrics to compute, among ``ANOMALY_METRIC_NAMES``; a single string makes
-            ``compute()`` return that float instead of a dict. Defaults to all four.
+            ``compute()`` return that float instead of a dict. Defaults to all of them.
+        image_threshold: image score threshold (``score >= threshold`` is flagged anomalous, as the predictor
+            does), e.g. the checkpoint's ``postprocessing["image_threshold"]``; ``None`` makes ``normal_fpr``
+            and ``anomalous_tpr`` NaN.
         fpr_limit: FPR integration limit of AUPRO. Defaults to 0.3.
         num_thresholds: FPR sampling points of AUPRO. Defaults to 2000.
         map_dtype: dtype the anomaly maps are stored in while accumulating. Defaults to ``torch.float16``.
@@ -127,6 +158,7 @@ class AnomalyDetectionMetric(Metric):
         num_thresholds: int = 2000,
         map_dtype: torch.dtype = torch.float16,
         device: str | torch.device = "cpu",
+        image_threshold: float | None = None,
     ) -> None:
         self.return_single = isinstance(metric_names, str)
         self.metric_names: tuple[str, ...] = (metric_names,) if isinstance(metric_names, str) else tuple(metric_names)
@@ -136,6 +168,7 @@ class AnomalyDetectionMetric(Metric):
         self.fpr_limit = fpr_limit
         self.num_thresholds = num_thresholds
         self.map_dtype = map_dtype
+        self.image_threshold = None if image_threshold is None else float(image_threshold)
         super().__init__(output_transform=output_transform, device=device)
 
     def reset(self) -> None:
@@ -144,19 +177,25 @@ class AnomalyDetectionMetric(Metric):
         self._labels: list[torch.Tensor] = []
         self._maps: list[torch.Tensor] = []
         self._masks: list[torch.Tensor] = []
+        self._uncertainty: list[torch.Tensor] = []
 
     def update(self, output: Sequence[Any]) -> None:
         """
         Add one batch.
 
         Args:
-            output: ``(scores, labels)`` or ``(scores, labels, maps, masks)``; maps/masks may be ``None``
-                (both are needed for pixel metrics). Tensors, arrays or lists are accepted.
+            output: ``(scores, labels)``, ``(scores, labels, maps, masks)`` or
+                ``(scores, labels, maps, masks, uncertainty)``; maps/masks/uncertainty may be ``None`` (maps and
+                masks are needed for pixel metrics, all three for ``uncertainty_error_auroc``). Tensors, arrays
+                or lists are accepted.
         """
-        if not isinstance(output, Sequence) or len(output) not in (2, 4):
-            raise ValueError("output must be (scores, labels) or (scores, labels, maps, masks).")
+        if not isinstance(output, Sequence) or len(output) not in (2, 4, 5):
+            raise ValueError(
+                "output must be (scores, labels), (scores, labels, maps, masks) or (scores, labels, maps, masks, uncertainty)."
+            )
         scores, labels = output[0], output[1]
-        maps, masks = (output[2], output[3]) if len(output) == 4 else (None, None)
+        maps, masks = (output[2], output[3]) if len(output) >= 4 else (None, None)
+        uncertainty = output[4] if len(output) == 5 else None
         scores_cpu = batch_tensor(scores).reshape(-1).to(torch.float64)
         labels_cpu = batch_tensor(labels).reshape(-1)
         if scores_cpu.numel() != labels_cpu.numel():
@@ -173,6 +212,13 @@ class AnomalyDetectionMetric(Metric):
             # one entry per image, so batches of different spatial sizes can be mixed
             self._maps.extend(maps_cpu.unbind(0))
             self._masks.extend(masks_cpu.unbind(0))
+            if uncertainty is not None and "uncertainty_error_auroc" in self.metric_names:
+                uncertainty_cpu = batch_tensor(uncertainty).to(self.map_dtype)
+                if uncertainty_cpu.shape != maps_cpu.shape:
+                    raise ValueError(
+                        f"uncertainty map shape {tuple(uncertainty_cpu.shape)} differs from anomaly map shape {tuple(maps_cpu.shape)}."
+                    )
+                self._uncertainty.extend(uncertainty_cpu.unbind(0))
 
     def compute(self) -> dict[str, float] | float:
         """
@@ -199,6 +245,9 @@ class AnomalyDetectionMetric(Metric):
             results["image_auroc"] = image_auroc(scores, labels) if both_image_classes else math.nan
         if "f1_max" in self.metric_names:
             results["f1_max"] = f1_max(scores, labels) if both_image_classes else math.nan
+        for name, rate in (("normal_fpr", normal_fpr), ("anomalous_tpr", anomalous_tpr)):
+            if name in self.metric_names:
+                results[name] = math.nan if self.image_threshold is None else rate(scores, labels, self.image_threshold)
 
         anomalous_pixels = sum(int(mask.sum()) for mask in self._masks)
         total_pixels = sum(mask.numel() for mask in self._masks)
@@ -212,6 +261,18 @@ class AnomalyDetectionMetric(Metric):
             results["aupro"] = (
                 aupro(maps, masks, fpr_limit=self.fpr_limit, num_thresholds=self.num_thresholds)
                 if both_pixel_classes
+                else math.nan
+            )
+        if "pixel_ap" in self.metric_names:
+            results["pixel_ap"] = pixel_ap(maps, masks) if both_pixel_classes else math.nan
+        if "pixel_f1_max" in self.metric_names:
+            results["pixel_f1_max"] = pixel_f1_max(maps, masks) if both_pixel_classes else math.nan
+        if "uncertainty_error_auroc" in self.metric_names:
+            # every image that has a map must have an uncertainty map too, else the pixels would not line up
+            have_uncertainty = both_pixel_classes and len(self._uncertainty) == len(self._maps)
+            results["uncertainty_error_auroc"] = (
+                uncertainty_error_auroc(maps, [u.numpy() for u in self._uncertainty], masks)
+                if have_uncertainty
                 else math.nan
             )
 

@@ -1,8 +1,10 @@
 """
 Plain anomaly-detection metrics: numpy (or torch) in, Python floats out.
 
-Image level: :func:`roc_curve`, :func:`auroc` / :func:`image_auroc`, :func:`f1_max`, :func:`f1_max_threshold`.
-Pixel level: :func:`pixel_auroc` and :func:`aupro` (the MVTec AD per-region-overlap protocol).
+Image level: :func:`roc_curve`, :func:`auroc` / :func:`image_auroc`, :func:`f1_max`, :func:`f1_max_threshold`,
+:func:`average_precision`, and the decision rates at a stored threshold :func:`normal_fpr` / :func:`anomalous_tpr`.
+Pixel level: :func:`pixel_auroc`, :func:`aupro` (the MVTec AD per-region-overlap protocol), :func:`pixel_ap`,
+:func:`pixel_f1_max` / :func:`pixel_f1_max_threshold` and :func:`uncertainty_error_auroc`.
 
 Scikit-learn is deliberately not imported here (it is a test-only dependency); every value is computed
 exactly with numpy/scipy, except :func:`aupro`, which samples the false-positive-rate axis on a fine grid.
@@ -10,13 +12,29 @@ exactly with numpy/scipy, except :func:`aupro`, which samples the false-positive
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["roc_curve", "auroc", "image_auroc", "pixel_auroc", "f1_max", "f1_max_threshold", "aupro"]
+__all__ = [
+    "roc_curve",
+    "auroc",
+    "image_auroc",
+    "pixel_auroc",
+    "f1_max",
+    "f1_max_threshold",
+    "average_precision",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_f1_max_threshold",
+    "uncertainty_error_auroc",
+    "normal_fpr",
+    "anomalous_tpr",
+    "aupro",
+]
 
 # one array of maps/masks (N, H, W), (N, 1, H, W), (N, 1, D, H, W), ... or a list of per-image arrays
 MapsLike = np.ndarray | Sequence[Any] | Any
@@ -68,8 +86,10 @@ def _binary_clf_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarra
     """
     Count false and true positives at every distinct score, predicting "anomalous" when score >= threshold.
 
+    The scores keep their dtype (float32 pixels are not widened), so 2e7 pixels need well under 1 GB here.
+
     Returns:
-        (false_positives, true_positives, thresholds), thresholds in decreasing order.
+        (false_positives, true_positives, thresholds), int64 counts, thresholds in decreasing order.
     """
     order = np.argsort(scores, kind="mergesort")[::-1]
     sorted_scores = scores[order]
@@ -197,19 +217,19 @@ def _iter_images(maps: MapsLike, masks: MapsLike) -> Iterator[tuple[np.ndarray, 
         yield map_np, (mask_np > 0.5)
 
 
-def _flatten_pixels(maps: MapsLike, masks: MapsLike) -> tuple[np.ndarray, np.ndarray]:
+def _flatten_pixels(maps: MapsLike, masks: MapsLike, what: str = "anomaly maps") -> tuple[np.ndarray, np.ndarray]:
     """Concatenate all pixels into one float32 score array and one bool label array."""
     map_list, mask_list = [], []
     for anomaly_map, mask in _iter_images(maps, masks):
         map_list.append(anomaly_map.ravel())
         mask_list.append(mask.ravel())
     if not map_list:
-        raise ValueError("no anomaly maps were given.")
+        raise ValueError(f"no {what} were given.")
     # a single float32 allocation, whatever dtype the maps were stored in
     pixel_scores = np.concatenate(map_list, dtype=np.float32)
     pixel_labels = np.concatenate(mask_list)
     if np.isnan(pixel_scores).any():
-        raise ValueError("anomaly maps contain NaN.")
+        raise ValueError(f"{what} contain NaN.")
     return pixel_scores, pixel_labels
 
 
@@ -235,6 +255,38 @@ def pixel_auroc(maps: MapsLike, masks: MapsLike) -> float:
     return _auroc_from_arrays(pixel_scores, pixel_labels)
 
 
+def _check_has_positive(labels: np.ndarray, what: str) -> int:
+    """Return the number of positives, raising when there is none (precision-recall metrics need one)."""
+    num_positive = int(np.count_nonzero(labels))
+    if num_positive == 0:
+        raise ValueError(f"Only normal samples present in {what}: the metric needs at least one anomalous sample.")
+    return num_positive
+
+
+def _f1_max_from_arrays(scores: np.ndarray, labels: np.ndarray, what: str = "labels") -> tuple[float, float]:
+    """Best F1 and its (highest) threshold from flat scores and bool labels; see :func:`f1_max_threshold`."""
+    num_positive = _check_has_positive(labels, what)
+    false_positives, true_positives, thresholds = _binary_clf_curve(scores, labels)
+    # F1 = 2 P R / (P + R) = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + num_positive); never 0/0 here
+    f1_scores = 2.0 * true_positives / (true_positives + false_positives + num_positive)
+    best = int(np.argmax(f1_scores))  # first maximum == highest threshold
+    return float(f1_scores[best]), float(thresholds[best])
+
+
+def _average_precision_from_arrays(scores: np.ndarray, labels: np.ndarray, what: str = "labels") -> float:
+    """
+    Step-wise area under the precision-recall curve, ``sum_n (R_n - R_{n-1}) P_n`` over the distinct thresholds
+    (ties enter together, R_0 = 0): scikit-learn's ``average_precision_score``, no interpolation.
+    """
+    num_positive = _check_has_positive(labels, what)
+    false_positives, true_positives, _ = _binary_clf_curve(scores, labels)
+    # R_n - R_{n-1} = (TP_n - TP_{n-1}) / num_positive; thresholds that add no positive contribute nothing
+    new_positives = np.diff(true_positives, prepend=0)
+    gained = new_positives > 0
+    precision = true_positives[gained] / (true_positives[gained] + false_positives[gained])
+    return float(np.sum(new_positives[gained] * precision) / num_positive)
+
+
 def f1_max_threshold(scores: Any, labels: Any) -> tuple[float, float]:
     """
     Maximum F1 score over all thresholds of the precision-recall curve, and the threshold that gives it.
@@ -250,15 +302,7 @@ def f1_max_threshold(scores: Any, labels: Any) -> tuple[float, float]:
     Raises:
         ValueError: when the sizes differ, labels are not binary, or there is no anomalous sample.
     """
-    scores_np, labels_np = _scores_and_labels(scores, labels)
-    num_positive = int(np.count_nonzero(labels_np))
-    if num_positive == 0:
-        raise ValueError("Only normal samples present in labels: F1 needs at least one anomalous sample.")
-    false_positives, true_positives, thresholds = _binary_clf_curve(scores_np, labels_np)
-    # F1 = 2 P R / (P + R) = 2 TP / (2 TP + FP + FN) = 2 TP / (TP + FP + num_positive); never 0/0 here
-    f1_scores = 2.0 * true_positives / (true_positives + false_positives + num_positive)
-    best = int(np.argmax(f1_scores))  # first maximum == highest threshold
-    return float(f1_scores[best]), float(thresholds[best])
+    return _f1_max_from_arrays(*_scores_and_labels(scores, labels))
 
 
 def f1_max(scores: Any, labels: Any) -> float:
@@ -273,6 +317,117 @@ def f1_max(scores: Any, labels: Any) -> float:
         the maximum F1 in [0, 1]; see :func:`f1_max_threshold` for the threshold.
     """
     return f1_max_threshold(scores, labels)[0]
+
+
+def average_precision(scores: Any, labels: Any) -> float:
+    """
+    Average precision: the step-wise area under the precision-recall curve, ``sum_n (R_n - R_{n-1}) P_n`` with one
+    point per distinct score (ties counted together), equal to ``sklearn.metrics.average_precision_score``.
+
+    Args:
+        scores: anomaly scores, any shape (flattened); higher means more anomalous.
+        labels: binary ground truth of the same size, 1 (or True) for anomalous.
+
+    Returns:
+        AP in [0, 1]; the fraction of positives for an uninformative score.
+
+    Raises:
+        ValueError: when the sizes differ, labels are not binary, or there is no anomalous sample.
+    """
+    return _average_precision_from_arrays(*_scores_and_labels(scores, labels))
+
+
+def pixel_ap(maps: MapsLike, masks: MapsLike) -> float:
+    """
+    Pixel-level average precision (area under the pixel precision-recall curve, :func:`average_precision`) over
+    all pixels of all images; normal images contribute negative pixels. Pixels are gathered as float32.
+
+    Args:
+        maps: anomaly maps, as for :func:`pixel_auroc`.
+        masks: ground-truth masks of the same shapes; binarized with ``> 0.5``.
+
+    Returns:
+        AP in [0, 1].
+
+    Raises:
+        ValueError: when shapes differ, maps contain NaN, or no pixel is anomalous.
+    """
+    pixel_scores, pixel_labels = _flatten_pixels(maps, masks)
+    return _average_precision_from_arrays(pixel_scores, pixel_labels, "masks")
+
+
+def pixel_f1_max_threshold(maps: MapsLike, masks: MapsLike) -> tuple[float, float]:
+    """
+    Best pixel F1 over all thresholds and the (highest) threshold that gives it, over all pixels of all images
+    (see :func:`f1_max_threshold`; pixel anomalous when ``map >= threshold``).
+
+    Raises:
+        ValueError: when shapes differ, maps contain NaN, or no pixel is anomalous.
+    """
+    pixel_scores, pixel_labels = _flatten_pixels(maps, masks)
+    return _f1_max_from_arrays(pixel_scores, pixel_labels, "masks")
+
+
+def pixel_f1_max(maps: MapsLike, masks: MapsLike) -> float:
+    """Best pixel F1 over all thresholds, over all pixels of all images (:func:`pixel_f1_max_threshold`)."""
+    return pixel_f1_max_threshold(maps, masks)[0]
+
+
+def uncertainty_error_auroc(anomaly_maps: MapsLike, uncertainty_maps: MapsLike, masks: MapsLike) -> float:
+    """
+    How well the uncertainty flags the pixels that the thresholded anomaly map gets wrong.
+
+    The anomaly maps are thresholded at their pixel-F1-optimal threshold (:func:`pixel_f1_max_threshold`,
+    anomalous when ``map >= threshold``); a pixel is *wrong* when that prediction differs from its mask. The
+    result is the AUROC of the uncertainty for wrong (positive) against right (negative) pixels: 1 when every
+    wrong pixel is more uncertain than every right one, 0.5 for an uninformative uncertainty.
+
+    Args:
+        anomaly_maps: anomaly maps, as for :func:`pixel_auroc`.
+        uncertainty_maps: uncertainty maps of the same shapes.
+        masks: ground-truth masks of the same shapes; binarized with ``> 0.5``.
+
+    Returns:
+        AUROC in [0, 1], or NaN when it is undefined: every pixel is right (or every pixel wrong), or the
+        uncertainty is constant (e.g. zero because no stochastic passes were run), which carries no ranking.
+
+    Raises:
+        ValueError: when shapes differ, maps contain NaN, or no pixel is anomalous (no F1-optimal threshold).
+    """
+    pixel_scores, pixel_labels = _flatten_pixels(anomaly_maps, masks)
+    _, threshold = _f1_max_from_arrays(pixel_scores, pixel_labels, "masks")
+    wrong = (pixel_scores >= threshold) != pixel_labels
+    del pixel_scores
+    uncertainty, _ = _flatten_pixels(uncertainty_maps, masks, "uncertainty maps")
+    num_wrong = int(np.count_nonzero(wrong))
+    if num_wrong in (0, wrong.size) or uncertainty.min() == uncertainty.max():
+        return math.nan
+    return _auroc_from_arrays(uncertainty, wrong)
+
+
+def _image_decisions(scores: Any, labels: Any, threshold: float, anomalous: bool) -> float:
+    """Fraction of the images of one class (``anomalous``) whose score is ``>= threshold``; NaN when none."""
+    scores_np, labels_np = _scores_and_labels(scores, labels)
+    if threshold is None or not math.isfinite(float(threshold)):
+        raise ValueError(f"the image threshold must be a finite number, got {threshold}.")
+    chosen = scores_np[labels_np == anomalous]
+    return float(np.mean(chosen >= threshold)) if chosen.size else math.nan
+
+
+def normal_fpr(scores: Any, labels: Any, threshold: float) -> float:
+    """
+    Fraction of normal images (label 0) flagged anomalous (``score >= threshold``, the predictor's rule) at a
+    given image threshold, e.g. the checkpoint's stored ``image_threshold``. NaN when there is no normal image.
+    """
+    return _image_decisions(scores, labels, threshold, anomalous=False)
+
+
+def anomalous_tpr(scores: Any, labels: Any, threshold: float) -> float:
+    """
+    Fraction of anomalous images (label 1) flagged anomalous (``score >= threshold``) at a given image
+    threshold. NaN when there is no anomalous image.
+    """
+    return _image_decisions(scores, labels, threshold, anomalous=True)
 
 
 def _trapezoid_up_to(x: np.ndarray, y: np.ndarray, x_max: float) -> float:

@@ -56,7 +56,7 @@ POSTPROCESSING_KEYS = ("image_threshold", "image_min", "image_max", "pixel_thres
 ARCHITECTURE_KEYS = (
     "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "equalize_levels", "use_fasm", "use_uiapm",
     "use_ram", "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
-    "distance_attention", "anomaly_map_source", "residual",
+    "distance_attention", "anomaly_map_source", "residual", "position_model", "position_dim",
 )  # fmt: skip
 
 
@@ -136,6 +136,13 @@ def _from_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def _upgrade_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """Settings added since a checkpoint was written take the value that reproduces it: a config without
+    ``position_model`` was trained without the position model."""
+    checkpoint["config"] = {"position_model": False, **checkpoint["config"]}
+    return checkpoint
+
+
 def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], map_location: Any = "cpu") -> dict[str, Any]:
     """Read a URA-Net checkpoint of either format: the one reader every loader calls.
 
@@ -164,15 +171,15 @@ def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], map_locat
     if isinstance(checkpoint, Mapping):
         meta = checkpoint.get(EXTRA_STATE_KEY)
         if isinstance(meta, Mapping) and meta.get("format") == CHECKPOINT_FORMAT:
-            return _from_state_dict(checkpoint)
+            return _upgrade_config(_from_state_dict(checkpoint))
         if checkpoint.get("format") == LEGACY_CHECKPOINT_FORMAT:
-            return {
+            return _upgrade_config({
                 "format": LEGACY_CHECKPOINT_FORMAT,
                 "config": dict(checkpoint["config"]),
                 "state_dict": dict(checkpoint["state_dict"]),
                 "postprocessing": dict(checkpoint.get("postprocessing") or {}),
                 "extra": dict(checkpoint.get("extra") or {}),
-            }
+            })
     raise ValueError(
         f"{source} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT} or {LEGACY_CHECKPOINT_FORMAT})"
     )
@@ -204,5 +211,6 @@ def load_checkpoint(
     """
     checkpoint = read_checkpoint(path)
     model = URANet(**{**checkpoint["config"], **overrides})
-    load_into(model, checkpoint, str(path))
+    # what the caller changes on purpose (e.g. another anomaly_map_source) is not a mismatch
+    load_into(model, {**checkpoint, "config": {**checkpoint["config"], **overrides}}, str(path))
     return model.to(device).eval(), checkpoint

@@ -40,7 +40,10 @@ class StrEnum(str, Enum):
 class MapSource(StrEnum):
     """What the anomaly map is the residual of (``URANet(anomaly_map_source=...)``; docs/design.md)."""
 
-    PROTOTYPE = "prototype"
+    FUSED = "fused"
+    MEMORY = "memory"
+    POSITION = "position"
+    PROTOTYPE = "prototype"  # the name of ``memory`` before 0.2 (older checkpoints and configs)
     RESTORATION = "restoration"
     RESTORED = "restored"
     PERCEPTION = "perception"

@@ -13,7 +13,21 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-__all__ = ["RestorationAttention", "RestorationOutput"]
+__all__ = ["RestorationAttention", "RestorationOutput", "nearest_distance"]
+
+
+def nearest_distance(features: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Euclidean distance from each position of ``features`` (B, C, h, w) to its nearest row of ``bank`` (K, C),
+    as (B, 1, h, w); matrix products in query chunks of ``chunk`` positions, so memory stays bounded."""
+    b, c, h, w = features.shape
+    tokens = features.permute(0, 2, 3, 1).reshape(-1, c)
+    bank = bank.to(features.dtype)
+    bank_sq = bank.pow(2).sum(-1)
+    nearest = []
+    for part in tokens.split(chunk):
+        sq = part.pow(2).sum(-1, keepdim=True) + bank_sq - 2 * part @ bank.T
+        nearest.append(sq.amin(dim=1))
+    return torch.cat(nearest).clamp_min(0).sqrt().view(b, h, w).unsqueeze(1)
 
 
 class RestorationOutput(NamedTuple):
@@ -89,17 +103,9 @@ class RestorationAttention(nn.Module):
         """Euclidean distance from each position's features to the nearest normal prototype, (B, 1, h, w).
 
         The restoration from the global normal memory in its hard form (the nearest prototype as the restored
-        feature); computed by matrix products in query chunks, so memory stays bounded.
+        feature); see :func:`nearest_distance`.
         """
-        b, c, h, w = features.shape
-        tokens = features.permute(0, 2, 3, 1).reshape(-1, c)
-        protos = self.prototypes.to(features.dtype)
-        proto_sq = protos.pow(2).sum(-1)
-        nearest = []
-        for part in tokens.split(chunk):
-            sq = part.pow(2).sum(-1, keepdim=True) + proto_sq - 2 * part @ protos.T
-            nearest.append(sq.amin(dim=1))
-        return torch.cat(nearest).clamp_min(0).sqrt().view(b, h, w).unsqueeze(1)
+        return nearest_distance(features, self.prototypes, chunk)
 
     def _exclusion(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         key = (h, w, self.exclude_radius, str(device))

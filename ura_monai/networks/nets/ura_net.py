@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -12,7 +13,8 @@ from torch import nn
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_residual, image_score
 from ura_monai.networks.blocks.fasm import CORRUPTIONS, MASK_TYPES, FeatureAnomalySynthesis
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
-from ura_monai.networks.blocks.ram import RestorationAttention
+from ura_monai.networks.blocks.normal_model import PositionalGaussian
+from ura_monai.networks.blocks.ram import RestorationAttention, nearest_distance
 from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
 from ura_monai.utils.enums import MapSource, Residual
 
@@ -21,6 +23,8 @@ LEVEL_SCALE_KEY = "feature_extractor.level_scale"
 __all__ = ["URANet"]
 
 MAP_SOURCES = MapSource.choices()
+# maps computed from the fitted normal models alone: no attention, and the perception module only for uncertainty
+NORMAL_MODEL_SOURCES = ("memory", "position", "fused", "prototype")
 RESIDUALS = Residual.choices()
 
 
@@ -60,9 +64,16 @@ class URANet(nn.Module):
         distance_attention: RAM adds a learned-temperature feature-distance term to its attention logits.
         residual: ``"l2"`` (Euclidean distance of the concatenated features, as nearest-neighbour detectors use)
             or ``"cosine"`` (``1 - cos`` per level, summed) between input and restored features.
-        anomaly_map_source: what the map is the residual of: ``"prototype"`` (each input feature against its
-            nearest learned normal prototype: the RAM's global normal memory in its hard form; the default, the
-            best on our benchmarks, and the fastest, since it needs no attention at inference),
+        position_model: fit a position-aware normal model (a Gaussian of the normal features at every grid
+            position, :class:`PositionalGaussian`) beside the RAM's position-free prototypes; needed by the
+            ``position`` and ``fused`` maps.
+        position_dim: channels of the position model's random orthonormal projection.
+        anomaly_map_source: what the map is the residual of: ``"memory"`` (each input feature against its
+            nearest learned normal prototype: the RAM's global normal memory in its hard form, the fastest map, since
+            it needs no attention at inference; ``"prototype"`` is its older name), ``"position"`` (Mahalanobis
+            distance to the position model's normal Gaussian at the same position: for aligned parts), ``"fused"``
+            (the default: both distances standardized by their cross-fitted normal statistics, then summed, so that
+            neither the position-free nor the position-aware normal model alone decides),
             ``"restoration"`` (against the RAM's attention restoration from normal context and prototypes),
             ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the anomaly
             probability itself). See docs/design.md for the measurements behind the default.
@@ -98,7 +109,9 @@ class URANet(nn.Module):
         exclude_radius: int = 1,
         distance_attention: bool = True,
         residual: str = "l2",
-        anomaly_map_source: str = "prototype",
+        position_model: bool = True,
+        position_dim: int = 64,
+        anomaly_map_source: str = "fused",
         sigma: float = 4.0,
         score_mode: str = "max",
         top_k: float = 0.01,
@@ -111,6 +124,10 @@ class URANet(nn.Module):
             raise ValueError("URA-Net needs at least one of UIAPM (use_uiapm) and RAM (use_ram)")
         if anomaly_map_source not in MAP_SOURCES:
             raise ValueError(f"anomaly_map_source must be one of {MAP_SOURCES}, got '{anomaly_map_source}'")
+        if anomaly_map_source in ("position", "fused") and not position_model:
+            raise ValueError(f"anomaly_map_source='{anomaly_map_source}' needs position_model=True")
+        if anomaly_map_source == "prototype":
+            anomaly_map_source = "memory"
         if not use_ram:
             anomaly_map_source = "perception"
         elif anomaly_map_source == "perception" and not use_uiapm:
@@ -135,6 +152,10 @@ class URANet(nn.Module):
         )
         self.uiapm = UncertaintyAnomalyPerception(channels, perception_hidden, latent_channels, num_samples) if use_uiapm else None
         self.ram = RestorationAttention(channels, num_prototypes, embed_dim, num_heads, exclude_radius, distance_attention) if use_ram else None
+        grid = (image_size // feature_stride, image_size // feature_stride)
+        self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
+        # mean and std of the memory and position distances on normal features no statistic saw (cross-fitted)
+        self.register_buffer("map_calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         self.map_generator = AnomalyMapGenerator(sigma)
 
     # ------------------------------------------------------------------ features -> URA-Net
@@ -166,12 +187,26 @@ class URANet(nn.Module):
         """Anomaly map on the feature grid (B, 1, h, w), from ``forward_features`` outputs."""
         if self.anomaly_map_source == "perception":
             return outputs["probability"]
-        if self.anomaly_map_source == "prototype":
-            return self.ram.prototype_distance(outputs["input"])
+        if self.anomaly_map_source in NORMAL_MODEL_SOURCES:
+            return self.normal_model_map(outputs["input"])
         restored = outputs[self.anomaly_map_source]
         if self.residual == "l2":
             return (outputs["input"] - restored).norm(dim=1, keepdim=True)
         return feature_residual(outputs["input"], restored, self.level_channels)
+
+    def normal_model_map(self, features: torch.Tensor, source: str | None = None) -> torch.Tensor:
+        """Grid map (B, 1, h, w) of a normal-model source (``memory``, ``position`` or ``fused``; default: the
+        model's) from backbone features."""
+        source = source or self.anomaly_map_source
+        if source in ("memory", "prototype"):
+            return self.ram.prototype_distance(features)
+        if source == "position":
+            return self.position_model(features)
+        if source == "fused":
+            mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
+            memory = (self.ram.prototype_distance(features) - mem_mean) / mem_std
+            return memory + (self.position_model(features) - pos_mean) / pos_std
+        raise ValueError(f"'{source}' is not a normal-model map source {NORMAL_MODEL_SOURCES}")
 
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
@@ -207,12 +242,12 @@ class URANet(nn.Module):
         size = images.shape[-2:]
         features = self.feature_extractor(images)
         t = (self.uiapm.num_samples if self.uiapm is not None else 0) if num_samples is None else num_samples
-        if self.anomaly_map_source == "prototype":
+        if self.anomaly_map_source in NORMAL_MODEL_SOURCES:
             # the map needs no attention; the perception module runs only when its maps are asked for
             outputs = {"input": features}
             if self.uiapm is not None and t > 0:
                 outputs.update(self.uiapm(features, t)._asdict())
-            grid_map = self.ram.prototype_distance(features)
+            grid_map = self.normal_model_map(features)
         else:
             outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
             grid_map = self.grid_anomaly_map(outputs)
@@ -247,7 +282,54 @@ class URANet(nn.Module):
         if self.equalize_levels:
             features = self.feature_extractor.fit_level_scale(features)
         self.init_prototypes(features, generator)
+        if self.position_model is not None:
+            self.position_model.fit(features)
+            if self.ram is not None:
+                memory, position = self.cross_fitted_distances(features, generator=generator)
+                self.map_calibration.copy_(
+                    torch.stack([memory.mean(), memory.std(), position.mean(), position.std()]).clamp_min(1e-6).to(self.map_calibration)
+                )
         return features
+
+    @torch.no_grad()
+    def cross_fitted_grid_maps(self, features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+        """The model's normal-model map (``memory``, ``position`` or ``fused``) of normal training ``features``,
+        cross-fitted (see :meth:`cross_fitted_distances`): scores a new normal image would get, for thresholds.
+        None for other map sources or without the position model."""
+        if self.anomaly_map_source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None:
+            return None
+        memory, position = self.cross_fitted_distances(features, generator=generator)
+        if self.anomaly_map_source == "memory":
+            return memory
+        if self.anomaly_map_source == "position":
+            return position
+        mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
+        return (memory - mem_mean) / mem_std + (position - pos_mean) / pos_std
+
+    @torch.no_grad()
+    def cross_fitted_distances(
+        self, features: torch.Tensor, folds: int = 4, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory and position distances (each (N, 1, h, w)) of normal ``features`` (N, C, h, w), every block of
+        ``1/folds`` of them scored by a memory (random prototypes of the same count) and a position model fitted
+        on the other blocks only: the distances a new normal image gets, which calibrate the ``fused`` map and
+        the decision thresholds. Blocks are contiguous, so the cached views of one image stay together."""
+        if self.ram is None or self.position_model is None:
+            raise ValueError("cross-fitted distances need the RAM's memory and the position model")
+        n = features.shape[0]
+        folds = max(2, min(folds, n))
+        bounds = torch.linspace(0, n, folds + 1).round().long().tolist()
+        memory, position = torch.empty_like(features[:, :1]), torch.empty_like(features[:, :1])
+        held_out_model = copy.deepcopy(self.position_model)
+        count = self.ram.prototypes.shape[0]
+        for lo, hi in zip(bounds[:-1], bounds[1:]):
+            others = torch.cat([features[:lo], features[hi:]])
+            tokens = others.permute(0, 2, 3, 1).reshape(-1, others.shape[1])
+            bank = tokens[torch.randperm(tokens.shape[0], generator=generator)[:count].to(tokens.device)]
+            memory[lo:hi] = nearest_distance(features[lo:hi], bank)
+            held_out_model.fit(others)
+            position[lo:hi] = held_out_model(features[lo:hi])
+        return memory, position
 
     @torch.no_grad()
     def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:

@@ -1,0 +1,128 @@
+"""The position-aware normal model, the ``position`` / ``fused`` maps, cross-fitted calibration and thresholds."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ura_monai.cli import main
+from ura_monai.networks.blocks.normal_model import PositionalGaussian
+from ura_monai.networks.checkpoint import read_checkpoint
+from ura_monai.networks.nets import URANet
+
+
+def test_positional_gaussian_matches_a_hand_mahalanobis_distance():
+    # dim == channels: the projection is a rotation, under which the (regularized) Mahalanobis distance is unchanged,
+    # so it must equal the distance computed on the raw features with numpy
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(12, 3, 2, 2, generator=g) * torch.tensor([1.0, 2.0, 0.5]).view(1, 3, 1, 1)
+    query = torch.randn(2, 3, 2, 2, generator=g)
+    model = PositionalGaussian(3, (2, 2), dim=3, regularization=0.01)
+    model.fit(train)
+    got = model(query)
+    x = train.numpy()
+    # the regularization is relative to the mean feature variance (over channels and positions; a rotation keeps it)
+    reg = 0.01 * x.var(axis=0, ddof=1).mean()
+    for i in range(2):
+        for j in range(2):
+            samples = x[:, :, i, j]
+            mean = samples.mean(0)
+            cov = np.cov(samples, rowvar=False) + reg * np.eye(3)
+            for b in range(2):
+                d = query.numpy()[b, :, i, j] - mean
+                expected = float(np.sqrt(d @ np.linalg.solve(cov, d)))
+                assert got[b, 0, i, j].item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_position_model_flags_a_feature_that_is_normal_elsewhere():
+    # position (0, 0) always holds pattern a, position (1, 1) pattern b: b placed at (0, 0) is an anomaly only a
+    # position-aware model sees (the nearest-neighbour memory finds b among the normal features)
+    g = torch.Generator().manual_seed(1)
+    a, b = torch.zeros(8), torch.zeros(8)
+    a[0], b[1] = 3.0, 3.0
+    train = 0.05 * torch.randn(20, 8, 2, 2, generator=g)
+    train[:, :, 0, 0] += a
+    train[:, :, 1, 1] += b
+    model = PositionalGaussian(8, (2, 2), dim=8)
+    model.fit(train)
+    normal = train[:1].clone()
+    swapped = normal.clone()
+    swapped[0, :, 0, 0] = b
+    assert model(swapped)[0, 0, 0, 0] > 10 * model(normal)[0, 0, 0, 0]
+    memory = train.permute(0, 2, 3, 1).reshape(-1, 8)
+    assert torch.cdist(swapped[0, :, 0, 0].view(1, 8), memory).min() < 0.5  # the position-free memory accepts it
+
+
+def test_positional_gaussian_before_fit_one_sample_and_wrong_grids():
+    model = PositionalGaussian(4, (2, 2), dim=4)
+    x = torch.randn(2, 4, 2, 2)
+    # unfitted: zero mean, unit covariance, and the projection is a rotation: the distance is the feature norm
+    assert torch.allclose(model(x), x.norm(dim=1, keepdim=True), atol=1e-5)
+    one = torch.randn(1, 4, 2, 2)
+    model.fit(one)  # a single normal image: its features are the mean, the covariance is the regularization
+    assert torch.isfinite(model(x)).all() and model(one).abs().max() < 1e-4
+    # another grid (an image of another aspect): resampled to the model's grid and back
+    assert model(torch.randn(1, 4, 3, 5)).shape == (1, 1, 3, 5)
+    with pytest.raises(ValueError, match="channels"):
+        model(torch.zeros(1, 3, 2, 2))
+
+
+def _small(source: str, **kw) -> URANet:
+    return URANet(image_size=64, pretrained=False, num_prototypes=16, perception_hidden=16, latent_channels=4, embed_dim=16,
+                  num_heads=2, anomaly_map_source=source, **kw).eval()
+
+
+def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
+    torch.manual_seed(0)
+    model = _small("fused")
+    features = model.fit_normal_statistics(torch.rand(8, model.feature_extractor.out_channels, 8, 8) + 1.0)
+    memory, position = model.cross_fitted_distances(features, generator=torch.Generator().manual_seed(0))
+    assert memory.shape == position.shape == (8, 1, 8, 8)
+    calibration = model.map_calibration
+    assert calibration[1] > 0 and calibration[3] > 0
+    # the stored calibration standardizes cross-fitted normal distances (a new draw of the folds' memories)
+    fused = model.cross_fitted_grid_maps(features, generator=torch.Generator().manual_seed(0))
+    assert abs(fused.mean().item()) < 0.5
+    # the fused grid map is the sum of both standardized distances
+    grid = model.normal_model_map(features[:2])
+    expected = (model.ram.prototype_distance(features[:2]) - calibration[0]) / calibration[1] + (
+        model.position_model(features[:2]) - calibration[2]
+    ) / calibration[3]
+    assert torch.allclose(grid, expected, atol=1e-5)
+
+
+def test_map_source_names_and_switches():
+    assert _small("prototype").anomaly_map_source == "memory"  # the older name still loads
+    with pytest.raises(ValueError, match="position_model"):
+        _small("position", position_model=False)
+    assert _small("memory", position_model=False).position_model is None
+
+
+def test_checkpoints_written_before_the_position_model_load_without_it():
+    model = _small("memory", position_model=False)
+    legacy = {"format": "ura_monai.uranet/1", "config": {k: v for k, v in model.config.items() if k not in ("position_model", "position_dim")},
+              "state_dict": model.trainable_state_dict()}
+    config = read_checkpoint(legacy)["config"]
+    assert config["position_model"] is False
+    rebuilt = URANet(**config)
+    assert rebuilt.position_model is None
+
+
+def test_make_demo_flags_at_most_one_normal_test_image(tmp_path):
+    """The README's ``make demo`` (128 px, 3 epochs): thresholds from every normal training image (cross-fitted),
+    not a handful of held-out ones, so that normal test images are not flagged (it flagged 3 of 8 before)."""
+    out = tmp_path / "demo"
+    assert main(["demo", "--output", str(out), "--no-progress", "-q"]) == 0
+    with open(out / "predictions" / "scores.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    normal = [r for r in rows if "/good/" in r["path"].replace("\\", "/")]
+    anomalous = [r for r in rows if "/good/" not in r["path"].replace("\\", "/")]
+    assert len(normal) == 8 and len(anomalous) == 12
+    assert sum(r["decision"] == "anomalous" for r in normal) <= 1
+    assert sum(r["decision"] == "anomalous" for r in anomalous) >= 11
+    metrics = json.loads((out / "test" / "metrics.json").read_text())
+    assert metrics["normal_fpr"] <= 0.125 and metrics["anomalous_tpr"] >= 0.9
