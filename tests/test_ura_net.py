@@ -409,6 +409,47 @@ def test_ram_init_prototypes_draws_normal_features():
     assert ((ram.prototypes.detach()[:, None] == few.flatten(2).transpose(1, 2)).all(-1).any(-1)).all()
 
 
+@pytest.mark.parametrize("mode", ["chunked", "sdpa"])
+@pytest.mark.parametrize("distance", [True, False])
+@pytest.mark.parametrize("exclude_radius", [0, 1, 2])
+def test_ram_attention_modes_agree_with_the_reference(mode, distance, exclude_radius):
+    """The module's inference attention modes give the reference maths (restoration and restored), with and
+    without perception, on a non-square grid; the mode is a switch of the module, not of its weights."""
+    torch.manual_seed(0)
+    kwargs = {"num_prototypes": 8, "embed_dim": 16, "num_heads": 2, "exclude_radius": exclude_radius, "distance_attention": distance}
+    reference = RestorationAttention(16, **kwargs).eval()
+    with torch.no_grad():
+        reference.log_temperature.fill_(-1.0)
+    fast = RestorationAttention(16, attention=mode, **kwargs).eval()
+    fast.load_state_dict(reference.state_dict())
+    features = torch.randn(3, 16, 5, 7) + 1.0
+    probability, uncertainty = torch.rand(3, 1, 5, 7), torch.rand(3, 1, 5, 7) * 0.5
+    with torch.inference_mode():
+        for p, u in ((None, None), (probability, None), (probability, uncertainty)):
+            expected, got = reference(features, p, u), fast(features, p, u)
+            for name in ("restoration", "restored"):
+                assert torch.allclose(getattr(got, name), getattr(expected, name), atol=1e-5), (name, p is None, u is None)
+            # the token entry point, with the mode passed per call, and small blocks of queries
+            tokens = features.flatten(2).transpose(1, 2)
+            blocked = reference.restore_tokens(tokens, (5, 7), p, u, attention=mode, block_elements=2 * 8 * 43)
+            assert torch.allclose(blocked, expected.restoration.flatten(2).transpose(1, 2), atol=1e-5)
+
+
+def test_ram_attention_mode_errors():
+    with pytest.raises(ValueError, match="attention must be one of"):
+        RestorationAttention(16, num_prototypes=8, embed_dim=16, num_heads=2, attention="flash")
+    ram = small_ram()
+    features = torch.randn(1, 16, 4, 4)
+    with pytest.raises(ValueError, match="attention must be one of"):
+        ram.restore_tokens(features.flatten(2).transpose(1, 2), (4, 4), attention="flash")
+    # the inference modes have no autograd: a clear error when gradients are on, none under no_grad
+    ram.attention = "chunked"
+    with pytest.raises(RuntimeError, match="for inference"):
+        ram(features)
+    with torch.no_grad():
+        assert ram(features).restoration.shape == features.shape
+
+
 # ------------------------------------------------------------------------------------------------- loss
 
 

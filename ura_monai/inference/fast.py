@@ -9,12 +9,10 @@ copies nothing) and returns what ``URANet.forward`` returns, the same maps to wi
   call (same random draws, in the same order, as the reference path); the normal-model maps (``memory``, ``position``, ``fused``) need no perception
   at all and no attention (the module's own chunked nearest-prototype distance, kept in float32 under autocast);
 - the restoration attention (RAM) computes only what the map needs (the restoration; the perception-gated
-  ``restored`` features only when the map is made from them), either in blocks of queries
-  (``attention="chunked"``: the (heads, queries, positions + prototypes) logits of a block stay in cache; the
-  per-key trust bias rides in the logits product as an extra dimension; the excluded neighbourhood is a scatter
-  of -inf at cached indices; the heads' weights are summed before the single value product, as the module does)
-  or through ``scaled_dot_product_attention`` (``attention="sdpa"``, the GPU default: fused kernels, no logits in
-  memory, a cached exclusion mask shared by all images and heads);
+  ``restored`` features only when the map is made from them), with one of the module's own inference attention
+  modes (:meth:`~ura_monai.networks.blocks.ram.RestorationAttention.restore_tokens`): ``attention="chunked"``
+  (blocks of queries whose logits stay in cache) or ``"sdpa"`` (``scaled_dot_product_attention``, the GPU
+  default: fused kernels, no logits in memory);
 - the residual (L2 or ``1 - cos``) is taken in the attention's token layout, without transposes;
 - upsampling + Gaussian smoothing is one linear map per axis, ``A_y @ grid @ A_x^T``, whose matrices are built
   once per size from the reference operations themselves (bilinear upsampling, reflect padding, the separable
@@ -42,18 +40,15 @@ from monai.networks.layers import separable_filtering
 from torch import nn
 
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
-from ura_monai.networks.blocks.ram import RestorationAttention
+from ura_monai.networks.blocks.ram import RestorationAttention, default_block_elements
 from ura_monai.networks.nets.ura_net import NORMAL_MODEL_SOURCES
+from ura_monai.utils.enums import AttentionMode
 
 __all__ = ["FastURANet", "StageTimer", "ATTENTION_MODES", "fast_restoration", "smoothing_matrix", "token_residual", "DTYPES"]
 
-ATTENTION_MODES = ("auto", "chunked", "sdpa")
+ATTENTION_MODES = AttentionMode.choices()
 DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 
-# elements of one block of attention logits (heads x queries x keys): ~8 MiB of float32 on the CPU keeps a block
-# in the last-level cache; on the GPU a block is large (the kernels need work) but bounded (memory)
-_CPU_BLOCK_ELEMENTS = 1 << 21
-_GPU_BLOCK_ELEMENTS = 1 << 29
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -146,55 +141,6 @@ def token_residual(features: torch.Tensor, restored: torch.Tensor, level_channel
 
 
 # --------------------------------------------------------------------------------------------- attention
-class _ExclusionBias:
-    """Cached float bias (N, N + K): -inf on the excluded neighbourhood of each query, 0 elsewhere."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, h: int, w: int, radius: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        key = (h, w, radius, k, dtype, str(device))
-        bias = self._cache.get(key)
-        if bias is None:
-            yy, xx = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-            yy, xx = yy.flatten(), xx.flatten()
-            near = ((yy[:, None] - yy[None]).abs() <= radius) & ((xx[:, None] - xx[None]).abs() <= radius)
-            bias = torch.zeros(h * w, h * w + k, device=device, dtype=dtype)
-            bias[:, : h * w].masked_fill_(near, float("-inf"))
-            if len(self._cache) > 8:
-                self._cache.clear()
-            self._cache[key] = bias
-        return bias
-
-
-_EXCLUSION = _ExclusionBias()
-
-
-class _Neighbours:
-    """Cached (N, (2r+1)^2) indices of the excluded neighbourhood of each query (borders repeat the query itself)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple, torch.Tensor] = {}
-
-    def __call__(self, h: int, w: int, radius: int, device: torch.device) -> torch.Tensor:
-        key = (h, w, radius, str(device))
-        index = self._cache.get(key)
-        if index is None:
-            yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-            yy, xx = yy.flatten()[:, None], xx.flatten()[:, None]
-            dy, dx = torch.meshgrid(torch.arange(-radius, radius + 1), torch.arange(-radius, radius + 1), indexing="ij")
-            ny, nx = yy + dy.flatten()[None], xx + dx.flatten()[None]
-            inside = (ny >= 0) & (ny < h) & (nx >= 0) & (nx < w)
-            index = torch.where(inside, ny * w + nx, yy * w + xx).to(device)
-            if len(self._cache) > 8:
-                self._cache.clear()
-            self._cache[key] = index
-        return index
-
-
-_NEIGHBOURS = _Neighbours()
-
-
 def fast_restoration(
     ram: RestorationAttention,
     tokens: torch.Tensor,
@@ -205,133 +151,16 @@ def fast_restoration(
     compute_dtype: torch.dtype | None = None,
     block_elements: int | None = None,
 ) -> torch.Tensor:
-    """The RAM's ``restoration`` for token features (B, N, C), as (B, N, C); same math as ``ram.forward``.
+    """The RAM's ``restoration`` for token features (B, N, C), as (B, N, C), with one of the module's inference
+    attention modes: :meth:`RestorationAttention.restore_tokens` (see there for the arguments).
 
-    Args:
-        ram: the restoration attention module (its norm, projections and prototypes are used).
-        tokens: (B, N, C) features, ``N = h * w`` in row-major order.
-        hw: the grid ``(h, w)``.
-        probability, uncertainty: (B, 1, h, w) or None, as for ``ram.forward``.
-        attention: ``"chunked"`` (blocks of queries, weights averaged over heads before the value product, as
-            the module does) or ``"sdpa"`` (``scaled_dot_product_attention`` per head, outputs averaged: the same
-            convex combination, fused kernels).
-        compute_dtype: dtype of the value products (and of the queries and keys of ``sdpa``); None: the
-            tokens' dtype. The norm and projections run in float32, and so do the logits, bias and softmax of
-            the chunked path; the fused kernels of ``sdpa`` keep their logits in float32 internally.
-        block_elements: logits elements per block of the chunked path (default: 2 Mi elements, 8 MiB, on the
-            CPU; 512 Mi elements on the GPU).
+    ``attention``: ``"chunked"`` (blocks of queries, weights averaged over heads before the value product, as the
+    module does) or ``"sdpa"`` (``scaled_dot_product_attention`` per head, outputs averaged: the same convex
+    combination, fused kernels).
     """
-    with torch.autocast(tokens.device.type, enabled=False):  # dtypes are chosen explicitly below
-        return _restoration(ram, tokens, hw, probability, uncertainty, attention, compute_dtype or tokens.dtype, block_elements)
-
-
-def _restoration(
-    ram: RestorationAttention,
-    tokens: torch.Tensor,
-    hw: tuple[int, int],
-    probability: torch.Tensor | None,
-    uncertainty: torch.Tensor | None,
-    attention: str,
-    dtype: torch.dtype,
-    block_elements: int | None,
-) -> torch.Tensor:
-    b, n, c = tokens.shape
-    h, w = hw
-    device = tokens.device
-    protos = ram.prototypes.to(tokens.dtype).float()  # the module casts them to the features' dtype
-    num_protos = protos.shape[0]
-    m = n + num_protos
-    heads = ram.num_heads
-    # norm and projections in float32 (a few GFLOP even at batch 256; keeps the logits accurate)
-    tokens_f = tokens.float()
-    normed = ram.norm(tokens_f)
-    q = ram.query(normed)
-    k_img = ram.key(normed)
-    k_pro = ram.key(ram.norm(protos))
-    d = q.shape[-1] // heads
-    scale = d**-0.5
-    values = torch.cat([tokens.to(dtype), protos.to(dtype).unsqueeze(0).expand(b, -1, -1)], dim=1)  # (B, N + K, C)
-    keys = torch.cat([k_img, k_pro.unsqueeze(0).expand(b, -1, -1)], dim=1).view(b, m, heads, d)
-
-    log_trust = None
-    if probability is not None:
-        trust = 1.0 - probability.flatten(1).float()
-        if uncertainty is not None:
-            trust = trust * (1.0 - uncertainty.flatten(1).float())
-        log_trust = torch.log(trust.clamp_min(0.0) + 1e-4)  # (B, N)
-
-    # the distance term of the prototypes' logits: -(|x - p|^2 - min_p |x - p|^2) / (C tau) = (s - max_p s) / (C tau)
-    # with s = 2 x.p - |p|^2 (|x|^2 cancels), per query and prototype, shared by the heads
-    distance = bool(getattr(ram, "distance_attention", False))
-    if distance:
-        p_sq = protos.pow(2).sum(-1)
-        inv_temperature = 1.0 / (c * ram.log_temperature.float().exp())
-
-        def prototype_bias(x: torch.Tensor) -> torch.Tensor:  # (..., Q, C) -> (..., Q, K), float32
-            s = torch.matmul(x, protos.t()).mul_(2.0).sub_(p_sq)
-            return s.sub_(s.amax(dim=-1, keepdim=True)).mul_(inv_temperature)
-
-    if block_elements is None:
-        block_elements = _GPU_BLOCK_ELEMENTS if device.type == "cuda" else _CPU_BLOCK_ELEMENTS
-
-    if attention == "sdpa":
-        qh, kh = q.view(b, n, heads, d), keys
-        if distance:
-            # a per-image mask (B, 1, N, N + K): exclusion and trust on the image's positions, distances on the prototypes
-            mask = torch.empty(b, 1, n, m, device=device, dtype=dtype)
-            exclusion = _EXCLUSION(h, w, ram.exclude_radius, 0, torch.float32, device)  # (N, N)
-            step = max(1, block_elements // (n * m))
-            for b0 in range(0, b, step):
-                b1 = min(b, b0 + step)
-                image_part = exclusion if log_trust is None else exclusion + log_trust[b0:b1, None, :]
-                mask[b0:b1, 0, :, :n] = image_part
-                mask[b0:b1, 0, :, n:] = prototype_bias(tokens_f[b0:b1])
-        else:
-            # the per-key trust bias rides in 8 extra query/key dimensions (query 1, key log-trust / scale; 8 keeps
-            # the head size a multiple of 8 for the fused kernels): the mask is the exclusion alone, (1, 1, N, N + K)
-            if log_trust is not None:
-                q_extra = qh.new_zeros(b, n, heads, 8)
-                q_extra[..., 0] = 1.0
-                k_extra = kh.new_zeros(b, m, heads, 8)
-                k_extra[:, :n, :, 0] = (log_trust / scale).unsqueeze(-1)
-                qh, kh = torch.cat([qh, q_extra], dim=-1), torch.cat([kh, k_extra], dim=-1)
-            mask = _EXCLUSION(h, w, ram.exclude_radius, num_protos, dtype, device)[None, None]
-        qh, kh = qh.to(dtype).transpose(1, 2), kh.to(dtype).transpose(1, 2)
-        vh = values.unsqueeze(1).expand(b, heads, m, c)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)  # (B, H, N, C)
-        return out.mean(dim=1)
-    if attention != "chunked":
+    if attention not in ATTENTION_MODES[1:]:
         raise ValueError(f"unknown attention '{attention}'; choose one of {ATTENTION_MODES[1:]}")
-
-    # chunked: logits (b', H, Q, N + K) per block, float32. The per-key trust bias rides in the product as an
-    # extra query/key dimension (query 1, key log-trust; 0 for prototypes); the exclusion is a scatter of -inf at
-    # the (2r+1)^2 neighbours of each query; the 1/H of the head average is applied to the (Q, C) output
-    extra = 0 if log_trust is None else 1
-    q = (q * scale).view(b, n, heads, d).transpose(1, 2)  # (B, H, N, d)
-    keys_t = keys.new_zeros(b, heads, d + extra, m)
-    keys_t[:, :, :d] = keys.permute(0, 2, 3, 1)
-    if extra:
-        q = torch.cat([q, q.new_ones(b, heads, n, 1)], dim=-1)
-        keys_t[:, :, d, :n] = log_trust.unsqueeze(1)
-    neighbours = _NEIGHBOURS(h, w, ram.exclude_radius, device)  # (N, (2r+1)^2)
-    per_image = heads * n * m
-    if per_image <= block_elements:
-        batch_block, query_block = max(1, block_elements // per_image), n
-    else:
-        batch_block, query_block = 1, max(1, min(n, block_elements // (heads * m)))
-    restoration = torch.empty(b, n, c, device=device, dtype=dtype)
-    for b0 in range(0, b, batch_block):
-        b1 = min(b, b0 + batch_block)
-        kt = keys_t[b0:b1]
-        for q0 in range(0, n, query_block):
-            q1 = min(n, q0 + query_block)
-            logits = torch.matmul(q[b0:b1, :, q0:q1], kt)  # (b', H, Q, N + K), trust bias included
-            logits.scatter_(-1, neighbours[q0:q1].expand(b1 - b0, heads, -1, -1), float("-inf"))
-            if distance:
-                logits[..., n:] += prototype_bias(tokens_f[b0:b1, q0:q1]).unsqueeze(1)
-            weights = torch.softmax(logits, dim=-1).sum(dim=1)  # (b', Q, N + K): heads summed
-            torch.bmm(weights.to(dtype), values[b0:b1], out=restoration[b0:b1, q0:q1])
-    return restoration.mul_(1.0 / heads)
+    return ram.restore_tokens(tokens, hw, probability, uncertainty, attention, compute_dtype, block_elements)
 
 
 # --------------------------------------------------------------------------------------------- the module
@@ -427,7 +256,7 @@ class FastURANet(nn.Module):
             elif source in NORMAL_MODEL_SOURCES:
                 with self._stage("normal_model_distance"), torch.autocast(images.device.type, enabled=False):
                     # the module's own chunked computation, in float32 (|x|^2 + |p|^2 - 2 x.p cancels badly in bf16)
-                    block = self.block_elements or (_GPU_BLOCK_ELEMENTS if images.is_cuda else _CPU_BLOCK_ELEMENTS)
+                    block = self.block_elements or default_block_elements(images.device)
                     features = features.float()
                     if source == "memory":
                         grid = model.ram.prototype_distance(features, chunk=max(1, block // model.ram.prototypes.shape[0]))
@@ -436,8 +265,8 @@ class FastURANet(nn.Module):
             else:
                 tokens = features.flatten(2).transpose(1, 2)  # (B, N, C); contiguous when channels_last
                 with self._stage("ram_attention"):
-                    restoration = fast_restoration(
-                        model.ram, tokens, (h, w), probability, uncertainty, self._attention_mode(images.device), self.dtype, self.block_elements
+                    restoration = model.ram.restore_tokens(
+                        tokens, (h, w), probability, uncertainty, self._attention_mode(images.device), self.dtype, self.block_elements
                     )
                 with self._stage("residual"):
                     if model.anomaly_map_source == "restored":
@@ -477,13 +306,7 @@ class FastURANet(nn.Module):
         ram = model.ram
         if ram is None or model.anomaly_map_source in NORMAL_MODEL_SOURCES:
             return
-        mode = self._attention_mode(images.device)
-        if mode == "chunked":
-            _NEIGHBOURS(h, w, ram.exclude_radius, images.device)
-        elif getattr(ram, "distance_attention", False):
-            _EXCLUSION(h, w, ram.exclude_radius, 0, torch.float32, images.device)
-        else:
-            _EXCLUSION(h, w, ram.exclude_radius, ram.prototypes.shape[0], self.dtype or images.dtype, images.device)
+        ram.prepare((h, w), self._attention_mode(images.device), self.dtype or images.dtype, images.device)
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graphed(self, images: torch.Tensor, num_samples: int | None) -> dict[str, torch.Tensor]:

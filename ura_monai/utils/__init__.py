@@ -11,6 +11,7 @@ importing this package stays torch-free (the CLI's ``--help`` relies on it).
 
 from .enums import (
     AttentionMode,
+    RamAttention,
     AugmentView,
     Backbone,
     FasmCorruption,
@@ -58,6 +59,7 @@ __all__ = [
     "IGNORED_NAMES",
     "OUTPUT_MARKER_NAME",
     "AttentionMode",
+    "RamAttention",
     "AugmentView",
     "Backbone",
     "FasmCorruption",

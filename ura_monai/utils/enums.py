@@ -18,6 +18,7 @@ __all__ = [
     "VolumeAggregation",
     "Precision",
     "AttentionMode",
+    "RamAttention",
     "FasmMaskType",
     "FasmCorruption",
     "AugmentView",
@@ -98,9 +99,18 @@ class Precision(StrEnum):
 
 
 class AttentionMode(StrEnum):
-    """Attention kernel of the fast inference path."""
+    """Attention kernel of the fast inference path (``auto``: ``sdpa`` on CUDA, ``chunked`` elsewhere)."""
 
     AUTO = "auto"
+    CHUNKED = "chunked"
+    SDPA = "sdpa"
+
+
+class RamAttention(StrEnum):
+    """How the restoration attention computes its attention (``RestorationAttention(attention=...)``): the
+    reference maths (differentiable, all logits in memory) or one of the inference kernels of the fast path."""
+
+    REFERENCE = "reference"
     CHUNKED = "chunked"
     SDPA = "sdpa"
 
