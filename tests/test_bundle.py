@@ -249,8 +249,9 @@ def test_inference_on_images_writes_maps_overlays_and_scores(trained, oct_data, 
 def test_inference_on_a_dicom_folder(trained, tmp_path):
     uid = write_dicom_series(tmp_path / "dicom" / "series")
     out = tmp_path / "dicom_results"
+    # the ``inferring`` id: an alias of the entry point ``run`` (one inference expression in inference.json)
     bundle(
-        "run", "--bundle_root", str(trained["root"]), "--config_file", INFERENCE,
+        "run", "inferring", "--bundle_root", str(trained["root"]), "--config_file", INFERENCE,
         "--input_dir", str(tmp_path / "dicom"), "--input_type", "dicom", "--output_dir", str(out),
     )
     rows = _read_csv(out / "results.csv")

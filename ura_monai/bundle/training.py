@@ -11,7 +11,6 @@ import torch
 from ura_monai.engines.features import FeatureCacheDataset
 from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
-from ura_monai.utils.distributed import unwrap
 
 __all__ = ["FeatureCacheDataset", "CosineDecay", "URANetBundleTrainer"]
 

@@ -17,19 +17,19 @@ from ignite.handlers.tqdm_logger import ProgressBar
 from monai.utils import set_determinism
 
 from ura_monai.engines.evaluator import URANetEvaluator
-from ura_monai.networks.blocks.anomaly_map import image_score
 from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
-from ura_monai.utils.fileio import atomic_torch_save, atomic_write_text
-from ura_monai.utils.paths import mark_output_dir
 from ura_monai.losses.ura_loss import URANetLoss
 from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
+from ura_monai.networks.blocks.anomaly_map import image_score
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
 from ura_monai.utils.distributed import unwrap
+from ura_monai.utils.fileio import atomic_torch_save, atomic_write_text
+from ura_monai.utils.paths import mark_output_dir
 
 __all__ = [
     "FeatureBankDataset",

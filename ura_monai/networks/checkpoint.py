@@ -27,9 +27,9 @@ from typing import Any
 
 import torch
 
-from ura_monai.utils.fileio import atomic_path
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.utils.distributed import unwrap
+from ura_monai.utils.fileio import atomic_path
 
 __all__ = [
     "save_checkpoint",

@@ -11,7 +11,6 @@ importing this package stays torch-free (the CLI's ``--help`` relies on it).
 
 from .enums import (
     AttentionMode,
-    RamAttention,
     AugmentView,
     Backbone,
     FasmCorruption,
@@ -20,6 +19,7 @@ from .enums import (
     Layout,
     MapSource,
     Precision,
+    RamAttention,
     Residual,
     ScoreMode,
     StrEnum,
