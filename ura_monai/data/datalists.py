@@ -29,6 +29,7 @@ split without any readable image raises :class:`ValueError`; both name the path.
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -52,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger("ura_monai.data")
 
-PathLike = str | Path
+PathLike = str | os.PathLike
 
 _OCT_CLASSES = ("NORMAL", "CNV", "DME", "DRUSEN")
 
@@ -448,9 +449,9 @@ def folder_datalist(
     cat_name = category if category is not None else train_path.name
     if split == "train":
         _require_dir(train_path, "train folder")
-        items = [_item(p, 0, cat_name, "good") for p in _list_images(train_path, skipped, verify)]
-        _require_images(items, train_path, "train folder")
-        return items
+        train_items = [_item(p, 0, cat_name, "good") for p in _list_images(train_path, skipped, verify)]
+        _require_images(train_items, train_path, "train folder")
+        return train_items
 
     if test_normal_dir is None and test_abnormal_dir is None:
         raise ValueError("split 'test' needs test_normal_dir and/or test_abnormal_dir")

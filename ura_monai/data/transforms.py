@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import Compose, EnsureTyped, MapTransform, RandFlipd, RandRotate90d, Transform
+from monai.utils import ensure_tuple
 from PIL import Image
 
 __all__ = [
@@ -416,7 +417,7 @@ class ResizeAnomalyd(MapTransform):
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.mask_keys = [mask_keys] if isinstance(mask_keys, str) else list(mask_keys)
+        self.mask_keys = list(ensure_tuple(mask_keys))
         self.image_resizer = ResizeAnomaly(spatial_size, "bilinear")
         self.mask_resizer = ResizeAnomaly(spatial_size, "nearest-exact")
 

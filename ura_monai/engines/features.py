@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from tqdm.auto import tqdm
 
 from ura_monai.engines.loaders import image_loader
 from ura_monai.utils.distributed import unwrap
+
+if TYPE_CHECKING:
+    from ura_monai.networks.nets.ura_net import URANet
 
 __all__ = [
     "AUGMENTATIONS",
@@ -116,7 +119,7 @@ def fit_normal_statistics(network: torch.nn.Module, bank: torch.Tensor, generato
     Returns:
         ``bank`` under the fitted level scale (the cache to train on).
     """
-    model = unwrap(network)
+    model = cast("URANet", unwrap(network))
     bank = model.fit_normal_statistics(bank, generator)
     broadcast_from_rank0_(model.feature_extractor.level_scale)
     ram = getattr(model, "ram", None)
@@ -198,7 +201,7 @@ class FeatureCacheDataset(FeatureBankDataset):
     ) -> None:
         if not data:
             raise ValueError("no training images to cache features of")
-        model = unwrap(network)
+        model = cast("URANet", unwrap(network))
         loader = image_loader(data, image_size, batch_size, num_workers, channels)
         super().__init__(extract_feature_bank(model.feature_extractor, loader, device, augment, amp, progress))
         if init_prototypes:

@@ -8,7 +8,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from ignite.engine import Events
@@ -186,7 +186,7 @@ def compute_thresholds(
     cached ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each
     block scored by normal models fitted without it), so that the thresholds rest on every normal image instead
     of a handful. ``network`` may be DDP-wrapped; its train/eval mode is restored."""
-    model = unwrap(network)
+    model = cast(URANet, unwrap(network))
     was_training = model.training
     _, outputs = run_inference(model, data, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False, channels=channels)
     model.train(was_training)

@@ -244,7 +244,7 @@ def _write_nifti_maps(series: SeriesInfo, staging: Path, maps: _RawMaps, axis: i
     outputs_written: dict[str, str] = {}
     for name, raw_path, value_range, description in maps_to_write:
         slabs = _iter_volume_slabs(raw_path, axis, shape_along_axis)
-        write_nifti_slabs(staging / f"{name}.nii.gz", slabs, series.shape, affine, tuple(value_range), description)
+        write_nifti_slabs(staging / f"{name}.nii.gz", slabs, series.shape, affine, (value_range[0], value_range[1]), description)
         outputs_written[f"{name}_nifti"] = f"{name}.nii.gz"
     return outputs_written
 

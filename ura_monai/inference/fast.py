@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +41,7 @@ from torch import nn
 
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.ram import RestorationAttention, default_block_elements
-from ura_monai.networks.nets.ura_net import NORMAL_MODEL_SOURCES
+from ura_monai.networks.nets.ura_net import NORMAL_MODEL_SOURCES, URANet
 from ura_monai.utils.enums import AttentionMode
 
 __all__ = ["FastURANet", "StageTimer", "ATTENTION_MODES", "fast_restoration", "smoothing_matrix", "token_residual", "DTYPES"]
@@ -137,6 +137,8 @@ def token_residual(features: torch.Tensor, restored: torch.Tensor, level_channel
         f, r = f.float(), r.float()
         cos = (f * r).sum(-1) / (torch.linalg.vector_norm(f, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(r, dim=-1).clamp_min(eps))
         residual = 1.0 - cos if residual is None else residual + (1.0 - cos)
+    if residual is None:
+        raise ValueError("token_residual needs at least one level (level_channels is empty)")
     return residual
 
 
@@ -194,7 +196,7 @@ class FastURANet(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, got '{attention}'")
         if compile and cuda_graph:
             raise ValueError("use either compile (mode='reduce-overhead' captures graphs itself) or cuda_graph")
-        self.model = getattr(model, "module", model)
+        self.model = cast(URANet, getattr(model, "module", model))
         self.dtype = _as_dtype(dtype)
         self.channels_last = channels_last
         self.attention = attention
@@ -204,7 +206,8 @@ class FastURANet(nn.Module):
         self._matrices: dict[tuple, torch.Tensor] = {}
         self._graphs: dict[tuple, tuple[Any, torch.Tensor, dict[str, torch.Tensor]]] = {}
         if channels_last:
-            self.model.feature_extractor.to(memory_format=torch.channels_last)
+            # Module.to takes memory_format at run time; torch's stubs do not list it
+            self.model.feature_extractor.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self._impl = torch.compile(self._forward_impl, mode=compile_mode, dynamic=False) if compile else self._forward_impl
 
     # ------------------------------------------------------------------ pieces
@@ -245,7 +248,7 @@ class FastURANet(nn.Module):
         b, c, h, w = features.shape
         probability = uncertainty = None
         with self._autocast(images.device):
-            if run_perception:
+            if run_perception and model.uiapm is not None:
                 with self._stage("uiapm"):
                     perception = model.uiapm(features, t)
                     probability, uncertainty = perception.probability.float(), perception.uncertainty.float()

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.transforms.thresholds import normalize_score
@@ -91,7 +92,7 @@ class URANetPredictor:
         self.num_samples = num_samples
         self.batch_size = int(batch_size)
         self.seed = seed
-        self.network = self.model
+        self.network: nn.Module = self.model  # the reference URANet, or its fast path (same outputs)
         if fast:
             from ura_monai.inference.fast import FastURANet
 

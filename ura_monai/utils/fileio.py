@@ -16,7 +16,7 @@ import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 __all__ = [
     "atomic_path",
@@ -167,7 +167,7 @@ def escape_csv_cell(value: Any) -> Any:
     return value
 
 
-def csv_text(rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extrasaction: str = "raise") -> str:
+def csv_text(rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extrasaction: Literal["raise", "ignore"] = "raise") -> str:
     """The CSV text (header + rows, ``\\n`` line ends) of ``rows`` with every cell passed through
     :func:`escape_csv_cell`; missing values are written empty."""
     buffer = io.StringIO()
@@ -179,7 +179,7 @@ def csv_text(rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extra
 
 
 def atomic_write_csv(
-    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extrasaction: str = "raise", fsync: bool = True
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extrasaction: Literal["raise", "ignore"] = "raise", fsync: bool = True
 ) -> Path:
     """Write a whole CSV table atomically (see :func:`csv_text`): readers see the old table or the new one."""
     return atomic_write_text(path, csv_text(rows, fieldnames, extrasaction), fsync=fsync)

@@ -322,6 +322,8 @@ def split_repeated_positions(
     by_distance: dict[float, list[FrameRecord]] = {}
     current: float | None = None
     for record in records:
+        if record.ref.position is None:
+            raise ValueError(f"{record.ref.path}: frame without a position (split_repeated_positions needs every frame's)")
         distance = float(np.dot(normal, record.ref.position))
         if current is None or distance - current > _POSITION_TOLERANCE_MM:
             current = distance

@@ -100,7 +100,8 @@ def read_slice_pixels(refs: Sequence[SliceRef]) -> list[np.ndarray]:
                 if first.frame_index is None:
                     arrays = [pydicom.pixels.pixel_array(path)]
                 else:
-                    indices = [refs[p].frame_index for p in positions]
+                    # frames of one multi-frame file: every one has its index
+                    indices = [index for p in positions if (index := refs[p].frame_index) is not None]
                     arrays = list(pydicom.pixels.iter_pixels(path, indices=indices))
         except Exception as error:
             raise _decode_error(error, first) from error

@@ -52,6 +52,8 @@ class AnomalyMapGenerator(nn.Module):
         sigma: Gaussian standard deviation in output pixels (4 as in the MVTec literature); 0 disables smoothing.
     """
 
+    kernel: torch.Tensor  # buffer
+
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
         self.sigma = sigma

@@ -65,7 +65,7 @@ def sample_region_masks(
     batch: int,
     size: tuple[int, int],
     mask_types: Sequence[str] = MASK_TYPES,
-    area_range: tuple[float, float] = (0.01, 0.2),
+    area_range: Sequence[float] = (0.01, 0.2),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
@@ -109,8 +109,8 @@ class FeatureAnomalySynthesis(nn.Module):
         self,
         mask_types: Sequence[str] = MASK_TYPES,
         corruptions: Sequence[str] = CORRUPTIONS,
-        area_range: tuple[float, float] = (0.01, 0.2),
-        noise_scale: tuple[float, float] = (0.3, 1.5),
+        area_range: Sequence[float] = (0.01, 0.2),
+        noise_scale: Sequence[float] = (0.3, 1.5),
         probability: float = 0.8,
     ) -> None:
         super().__init__()
@@ -119,8 +119,8 @@ class FeatureAnomalySynthesis(nn.Module):
             raise ValueError(f"unknown or empty FASM options {bad}; masks from {MASK_TYPES}, corruptions from {CORRUPTIONS}")
         self.mask_types = tuple(mask_types)
         self.corruptions = tuple(corruptions)
-        self.area_range = area_range
-        self.noise_scale = noise_scale
+        self.area_range = tuple(area_range)
+        self.noise_scale = tuple(noise_scale)
         self.probability = probability
 
     def forward(self, features: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

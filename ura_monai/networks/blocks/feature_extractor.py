@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import EfficientNet
 from torch import nn
 
 from ura_monai.networks.nets.efficientnet_lite import efficientnet_lite0
@@ -69,6 +71,11 @@ class PretrainedFeatureExtractor(nn.Module):
         pretrained: load ImageNet weights; ``False`` gives random weights (tests only).
     """
 
+    # buffers
+    mean: torch.Tensor
+    std: torch.Tensor
+    level_scale: torch.Tensor
+
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
@@ -94,6 +101,7 @@ class PretrainedFeatureExtractor(nn.Module):
         self.image_size = image_size
         self.feature_stride = feature_stride
         self.smooth_kernel = smooth_kernel
+        self.net: nn.Module
         if backbone == "efficientnet_lite0":
             self.net = efficientnet_lite0(pretrained=pretrained, image_size=image_size, weights=weights)
             mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # TF-trained weights: (x - 127) / 128
@@ -160,7 +168,7 @@ class PretrainedFeatureExtractor(nn.Module):
     def _levels_lite0(self, x: torch.Tensor) -> list[torch.Tensor]:
         wanted = {LITE0_STAGE_OF_LEVEL[lv]: lv for lv in self.levels}
         last = max(wanted)
-        net = self.net
+        net = cast(EfficientNet, self.net)
         x = net._swish(net._bn0(net._conv_stem(net._conv_stem_padding(x))))
         out = []
         for idx, stage in enumerate(net._blocks):

@@ -29,6 +29,11 @@ class PositionalGaussian(nn.Module):
         seed: seed of the projection, so that a model rebuilt from its config has the same basis.
     """
 
+    # buffers
+    projection: torch.Tensor
+    mean: torch.Tensor
+    whitening: torch.Tensor
+
     def __init__(self, channels: int, grid_size: tuple[int, int], dim: int = 64, regularization: float = 0.01, seed: int = 0) -> None:
         super().__init__()
         self.channels, self.grid_size = channels, tuple(grid_size)

@@ -82,6 +82,8 @@ class URANet(nn.Module):
         top_k: fraction of pixels averaged by ``topk_mean``.
     """
 
+    map_calibration: torch.Tensor  # buffer
+
     def __init__(
         self,
         backbone: str = "efficientnet_lite0",
@@ -200,13 +202,16 @@ class URANet(nn.Module):
         source = source or self.anomaly_map_source
         if source in ("memory", "prototype"):
             return self.ram.prototype_distance(features)
+        if source not in ("position", "fused"):
+            raise ValueError(f"'{source}' is not a normal-model map source {NORMAL_MODEL_SOURCES}")
+        if self.position_model is None:
+            raise ValueError(f"the '{source}' map needs the position model (position_model=True)")
+        position = self.position_model(features)
         if source == "position":
-            return self.position_model(features)
-        if source == "fused":
-            mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
-            memory = (self.ram.prototype_distance(features) - mem_mean) / mem_std
-            return memory + (self.position_model(features) - pos_mean) / pos_std
-        raise ValueError(f"'{source}' is not a normal-model map source {NORMAL_MODEL_SOURCES}")
+            return position
+        mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
+        memory = (self.ram.prototype_distance(features) - mem_mean) / mem_std
+        return memory + (position - pos_mean) / pos_std
 
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
