@@ -95,6 +95,27 @@ def _software_version() -> str:
     return __version__
 
 
+def _derived_series_attributes(hd: Any, series_number: int) -> dict[str, Any]:
+    """The attributes a new derived series (Parametric Map, SEG) gets: new UIDs, its number, and the device."""
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": series_number,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": _MANUFACTURER,
+        "manufacturer_model_name": _MODEL_NAME,
+        "software_versions": _software_version(),
+        "device_serial_number": "none",
+    }
+
+
+def _save_derived(dataset: Any, path: str | os.PathLike[str], series_description: str) -> Path:
+    dataset.SeriesDescription = series_description
+    with atomic_path(path) as temporary_path:
+        dataset.save_as(temporary_path)
+    return Path(path)
+
+
 # --------------------------------------------------------------------------------------------
 # NIfTI
 # --------------------------------------------------------------------------------------------
@@ -274,24 +295,14 @@ def write_parametric_map(
         parametric_map = hd.pm.ParametricMap(
             source_images=sources,
             pixel_array=frames,
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=_MANUFACTURER,
-            manufacturer_model_name=_MODEL_NAME,
-            software_versions=_software_version(),
-            device_serial_number="none",
+            **_derived_series_attributes(hd, series_number),
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             voi_lut_transformations=[hd.VOILUTTransformation(window_center=(low + high) / 2, window_width=high - low)],
             content_label="ANOMALY",
             content_description="URA-Net anomaly map",
         )
-    parametric_map.SeriesDescription = series_description
-    with atomic_path(path) as temporary_path:
-        parametric_map.save_as(temporary_path)
-    return Path(path)
+    return _save_derived(parametric_map, path, series_description)
 
 
 def write_segmentation(
@@ -343,21 +354,11 @@ def write_segmentation(
             pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[description],
-            series_instance_uid=hd.UID(),
-            series_number=series_number,
-            sop_instance_uid=hd.UID(),
-            instance_number=1,
-            manufacturer=_MANUFACTURER,
-            manufacturer_model_name=_MODEL_NAME,
-            software_versions=_software_version(),
-            device_serial_number="none",
+            **_derived_series_attributes(hd, series_number),
             content_label="ANOMALY",
             content_description="URA-Net thresholded anomaly map",
         )
-    segmentation.SeriesDescription = series_description
-    with atomic_path(path) as temporary_path:
-        segmentation.save_as(temporary_path)
-    return Path(path)
+    return _save_derived(segmentation, path, series_description)
 
 
 # --------------------------------------------------------------------------------------------
