@@ -271,10 +271,10 @@ def fit(
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress, tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
 
-    # the fused map's weight, chosen on synthetic defects painted into the held-out normal images (unseen by the
-    # normal models; skipped when there are too few images to hold any out)
+    # the fused map's weight, chosen on FASM's image-level synthetic defects painted into the held-out normal images
+    # (unseen by the normal models); kept at 0.5 without FASM or when there are too few images to hold any out
     fusion_scores = None
-    if val_items is not fit_items and model.anomaly_map_source == "fused":
+    if val_items is not fit_items and model.anomaly_map_source == "fused" and model.fasm is not None:
         was_training = model.training
         fusion_scores = fusion_weight_from_items(model.eval(), val_items, image_size, channels, batch_size, device, seed)
         model.train(was_training)
