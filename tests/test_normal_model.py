@@ -87,9 +87,10 @@ def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
     # the stored calibration standardizes cross-fitted normal distances (a new draw of the folds' memories)
     fused = model.cross_fitted_grid_maps(features, generator=torch.Generator().manual_seed(0))
     assert abs(fused.mean().item()) < 0.5
-    # the fused grid map is the sum of both standardized distances
+    # the fused grid map is the weighted sum of both standardized distances
     grid = model.normal_model_map(features[:2])
-    expected = (model.ram.prototype_distance(features[:2]) - calibration[0]) / calibration[1] + (
+    weight = model.fusion_weight
+    expected = weight * (model.ram.prototype_distance(features[:2]) - calibration[0]) / calibration[1] + (1 - weight) * (
         model.position_model(features[:2]) - calibration[2]
     ) / calibration[3]
     assert torch.allclose(grid, expected, atol=1e-5)
@@ -126,3 +127,49 @@ def test_make_demo_flags_at_most_one_normal_test_image(tmp_path):
     assert sum(r["decision"] == "anomalous" for r in anomalous) >= 11
     metrics = json.loads((out / "test" / "metrics.json").read_text())
     assert metrics["normal_fpr"] <= 0.125 and metrics["anomalous_tpr"] >= 0.9
+
+
+class _TwoDistances(torch.nn.Module):
+    """Stands in for URANet in the weight selection: fixed standardized memory / position distance maps."""
+
+    def __init__(self, memory: torch.Tensor, position: torch.Tensor) -> None:
+        super().__init__()
+        self.memory, self.position = memory, position
+        self.register_buffer("map_calibration", torch.zeros(4))
+        self.register_buffer("fusion_weight", torch.tensor(0.5))
+
+    def standardized_distances(self, features):
+        return self.memory, self.position
+
+
+@pytest.mark.parametrize("informative", ["memory", "position"])
+def test_fusion_weight_follows_the_distance_that_finds_the_synthetic_defects(informative):
+    from ura_monai.engines.calibration import select_fusion_weight
+
+    g = torch.Generator().manual_seed(0)
+    masks = torch.zeros(4, 1, 8, 8)
+    masks[:, :, 2:5, 2:5] = 1.0
+    target = torch.cat([torch.zeros(2, 1, 8, 8), masks])  # 2 clean held-out images, 4 with defects
+    good = target * 3.0 + torch.randn(6, 1, 8, 8, generator=g) * 0.5  # high inside the defects
+    noise = torch.randn(6, 1, 8, 8, generator=g)  # blind to them
+    memory, position = (good, noise) if informative == "memory" else (noise, good)
+    model = _TwoDistances(memory, position)
+    scores = select_fusion_weight(model, torch.zeros(2, 1, 8, 8), torch.zeros(4, 1, 8, 8), masks)
+    assert set(scores) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    assert model.fusion_weight.item() == (1.0 if informative == "memory" else 0.0)
+    assert scores[model.fusion_weight.item()] > 0.9 > scores[1.0 - model.fusion_weight.item()]
+
+
+def test_synthetic_defects_change_the_image_only_inside_their_mask():
+    from ura_monai.engines.calibration import synthetic_defect_batch
+
+    images = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    defects, masks = synthetic_defect_batch(images, variants=2, seed=0)
+    assert defects.shape == (6, 3, 32, 32) and masks.shape == (6, 1, 32, 32)
+    assert (masks.flatten(1).sum(1) > 0).all()
+    originals = images.repeat(2, 1, 1, 1)
+    outside = (1 - masks).bool().expand_as(defects)
+    assert torch.equal(defects[outside], originals[outside])
+    assert (defects - originals).abs()[masks.bool().expand_as(defects)].mean() > 0.01
+    again, _ = synthetic_defect_batch(images, variants=2, seed=0)
+    assert torch.equal(again, defects)  # seeded

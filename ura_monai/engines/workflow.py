@@ -16,6 +16,7 @@ from ignite.handlers import Checkpoint
 from ignite.handlers.tqdm_logger import ProgressBar
 from monai.utils import set_determinism
 
+from ura_monai.engines.calibration import fusion_weight_from_items
 from ura_monai.engines.evaluator import URANetEvaluator
 from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
 from ura_monai.engines.loaders import image_loader
@@ -270,11 +271,18 @@ def fit(
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress, tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
 
-    # thresholds from held-out normal images, with the uncertainty passes off (they do not change the map)
+    # the fused map's weight, chosen on FASM's image-level synthetic defects painted into the held-out normal images
+    # (unseen by the normal models); kept at 0.5 without FASM or when there are too few images to hold any out
+    fusion_scores = None
+    if val_items is not fit_items and model.anomaly_map_source == "fused" and model.fasm is not None:
+        was_training = model.training
+        fusion_scores = fusion_weight_from_items(model.eval(), val_items, image_size, channels, batch_size, device, seed)
+        model.train(was_training)
+    # thresholds from normal data, with the uncertainty passes off (they do not change the map)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device,
                                         num_workers=num_workers, amp=amp, training_features=dataset.bank)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
-             "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2)}
+             "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items), "fusion_scores": None if fusion_scores is None else {f"{k:g}": round(v, 4) for k, v in fusion_scores.items()}, "fit_seconds": round(time.perf_counter() - start, 2)}
     checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
     logger.info("wrote %s", checkpoint)
     return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model,

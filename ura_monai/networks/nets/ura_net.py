@@ -72,8 +72,9 @@ class URANet(nn.Module):
             nearest learned normal prototype: the RAM's global normal memory in its hard form, the fastest map, since
             it needs no attention at inference; ``"prototype"`` is its older name), ``"position"`` (Mahalanobis
             distance to the position model's normal Gaussian at the same position: for aligned parts), ``"fused"``
-            (the default: both distances standardized by their cross-fitted normal statistics, then summed, so that
-            neither the position-free nor the position-aware normal model alone decides),
+            (the default: both distances standardized by their cross-fitted normal statistics, then weighted by
+            ``fusion_weight``, which ``ura_monai.engines.calibration.select_fusion_weight`` chooses on synthetic
+            defects: objects that move lean on the memory, aligned parts on the position model),
             ``"restoration"`` (against the RAM's attention restoration from normal context and prototypes),
             ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the anomaly
             probability itself). See docs/design.md for the measurements behind the default.
@@ -158,6 +159,8 @@ class URANet(nn.Module):
         self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
         # mean and std of the memory and position distances on normal features no statistic saw (cross-fitted)
         self.register_buffer("map_calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+        # weight of the memory term in the fused map (the position term gets 1 - w); chosen on synthetic defects
+        self.register_buffer("fusion_weight", torch.tensor(0.5))
         self.map_generator = AnomalyMapGenerator(sigma)
 
     # ------------------------------------------------------------------ features -> URA-Net
@@ -206,12 +209,19 @@ class URANet(nn.Module):
             raise ValueError(f"'{source}' is not a normal-model map source {NORMAL_MODEL_SOURCES}")
         if self.position_model is None:
             raise ValueError(f"the '{source}' map needs the position model (position_model=True)")
-        position = self.position_model(features)
         if source == "position":
-            return position
+            return self.position_model(features)
+        return self.fuse(*self.standardized_distances(features))
+
+    def standardized_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory and position distances (B, 1, h, w) each standardized by its cross-fitted normal statistics."""
         mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
-        memory = (self.ram.prototype_distance(features) - mem_mean) / mem_std
-        return memory + (position - pos_mean) / pos_std
+        return (self.ram.prototype_distance(features) - mem_mean) / mem_std, (self.position_model(features) - pos_mean) / pos_std
+
+    def fuse(self, memory: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The fused map from standardized distances: ``w * memory + (1 - w) * position``, ``w = fusion_weight``."""
+        weight = self.fusion_weight.to(memory.dtype)
+        return weight * memory + (1.0 - weight) * position
 
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
@@ -309,7 +319,7 @@ class URANet(nn.Module):
         if self.anomaly_map_source == "position":
             return position
         mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
-        return (memory - mem_mean) / mem_std + (position - pos_mean) / pos_std
+        return self.fuse((memory - mem_mean) / mem_std, (position - pos_mean) / pos_std)
 
     @torch.no_grad()
     def cross_fitted_distances(
