@@ -50,7 +50,7 @@ def select_fusion_weight(
     ``normal_features`` of clean held-out images as negatives. Returns ``{weight: pixel AP}``; ties keep the first
     (the position-heavier) weight."""
     model = unwrap(network)
-    features = torch.cat([normal_features, defect_features]).to(model.map_calibration.device)
+    features = torch.cat([normal_features, defect_features]).to(next(model.buffers()).device)
     memory, position = model.standardized_distances(features)
     grid = memory.shape[-2:]
     cells = torch.nn.functional.adaptive_avg_pool2d(defect_masks.float(), grid) >= 0.5

@@ -215,8 +215,11 @@ class URANet(nn.Module):
 
     def standardized_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory and position distances (B, 1, h, w) each standardized by its cross-fitted normal statistics."""
+        if self.position_model is None or self.ram is None:
+            raise ValueError("standardized distances need the RAM's memory and the position model")
         mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
-        return (self.ram.prototype_distance(features) - mem_mean) / mem_std, (self.position_model(features) - pos_mean) / pos_std
+        memory = (self.ram.prototype_distance(features) - mem_mean) / mem_std
+        return memory, (self.position_model(features) - pos_mean) / pos_std
 
     def fuse(self, memory: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         """The fused map from standardized distances: ``w * memory + (1 - w) * position``, ``w = fusion_weight``."""
