@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# the README's test command (and CI's): the core suite, then the MONAI Label suite in its own environment
-test: test-core test-label
+# the README's test command (and CI's): lint (ruff, mypy), the core suite, then the MONAI Label suite in its own environment
+test: lint test-core test-label
 
 test-core: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider

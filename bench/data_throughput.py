@@ -141,7 +141,9 @@ def main(argv=None) -> int:
     transform = anomaly_transforms(args.image_size, augment=False)
     device = torch.device(args.device)
     for workers in [int(w) for w in args.workers.split(",")]:
-        loader = TorchDataLoader(_Dataset(items, transform), batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0)
+        loader = TorchDataLoader(
+            _Dataset(items, transform), batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0
+        )
         row = {"mode": "transforms", "num_workers": workers, "img_per_s": round(loop(loader, args.epochs), 1)}
         rows.append(row)
         print(json.dumps(header | row), flush=True)
@@ -155,15 +157,27 @@ def main(argv=None) -> int:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
 
-            loader = TorchDataLoader(_Dataset(items, _decode_uint8), batch_size=args.batch_size, num_workers=workers, persistent_workers=workers > 0)
-            row = {"mode": "device_resize", "device": device.type, "num_workers": workers, "img_per_s": round(loop(loader, args.epochs, on_batch), 1)}
+            loader = TorchDataLoader(
+                _Dataset(items, _decode_uint8),
+                batch_size=args.batch_size,
+                num_workers=workers,
+                persistent_workers=workers > 0,
+            )
+            row = {
+                "mode": "device_resize",
+                "device": device.type,
+                "num_workers": workers,
+                "img_per_s": round(loop(loader, args.epochs, on_batch), 1),
+            }
             rows.append(row)
             print(json.dumps(header | row), flush=True)
             del loader
     if args.device_resize:  # same pixels as the reference transforms?
         ref = transform(items[0])["image"]
         x = _decode_uint8(items[0])["image"][None].to(device).float().div_(255.0)
-        got = F.interpolate(x, size=(args.image_size, args.image_size), mode="bilinear", antialias=True, align_corners=False)[0].cpu()
+        got = F.interpolate(
+            x, size=(args.image_size, args.image_size), mode="bilinear", antialias=True, align_corners=False
+        )[0].cpu()
         header["device_resize_max_abs_diff"] = float((got - ref).abs().max())
     print(json.dumps(header | {"summary": rows}), flush=True)
     if tmp is not None:

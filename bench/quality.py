@@ -37,11 +37,24 @@ from ura_monai.transforms.thresholds import normal_postprocessing_stats
 from ura_monai.utils.enums import AugmentView, Backbone, Layout, ScoreMode
 
 METRIC_KEYS = (
-    "image_auroc", "pixel_auroc", "aupro", "f1_max", "pixel_ap", "pixel_f1_max", "uncertainty_error_auroc", "normal_fpr", "anomalous_tpr",
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "f1_max",
+    "pixel_ap",
+    "pixel_f1_max",
+    "uncertainty_error_auroc",
+    "normal_fpr",
+    "anomalous_tpr",
 )
 # the default map is the model's own (URANet's anomaly_map_source default); these are the others, same trained model
 MAP_VARIANTS = ("memory", "position", "fused", "restoration", "restored", "perception")
-ABLATIONS = {"no_fasm": {"use_fasm": False}, "no_uiapm": {"use_uiapm": False}, "no_ram": {"use_ram": False}, "raw_levels": {"equalize_levels": False}}
+ABLATIONS = {
+    "no_fasm": {"use_fasm": False},
+    "no_uiapm": {"use_uiapm": False},
+    "no_ram": {"use_ram": False},
+    "raw_levels": {"equalize_levels": False},
+}
 
 
 def quality_metrics(scores, labels, maps, masks, uncertainty=None, image_threshold=None) -> dict:
@@ -69,7 +82,9 @@ def threshold_items(train_items, args) -> list:
 
 
 @torch.no_grad()
-def nearest_neighbour_reference(train_items, test_items, masks, args, device, subset: int | None = None, equalize_levels: bool = False) -> dict:
+def nearest_neighbour_reference(
+    train_items, test_items, masks, args, device, subset: int | None = None, equalize_levels: bool = False
+) -> dict:
     """PatchCore without coreset on the same extractor, training views and smoothing as URA-Net.
 
     The memory holds the training images minus the held-out normal split, and the image threshold is set
@@ -82,12 +97,16 @@ def nearest_neighbour_reference(train_items, test_items, masks, args, device, su
     fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
     start = time.perf_counter()
     extractor = PretrainedFeatureExtractor(args.backbone, image_size=args.image_size).to(device)
-    bank = extract_feature_bank(extractor, image_loader(fit_items, args.image_size, 8, 0), device, args.augment, progress=False)
+    bank = extract_feature_bank(
+        extractor, image_loader(fit_items, args.image_size, 8, 0), device, args.augment, progress=False
+    )
     if equalize_levels:
         bank = extractor.fit_level_scale(bank.to(device))
     memory = bank.permute(0, 2, 3, 1).reshape(-1, bank.shape[1]).to(device)
     if subset is not None:
-        memory = memory[torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(args.seed))[:subset].to(device)]
+        memory = memory[
+            torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(args.seed))[:subset].to(device)
+        ]
     generator = AnomalyMapGenerator(sigma=4.0).to(device)
 
     def score(items):
@@ -128,14 +147,27 @@ def model_metrics(model, test_items, masks, args, image_threshold: float) -> dic
         torch.stack([o["uncertainty_map"] for o in outputs]).float(),
         image_threshold,
     )
-    return figures | {"image_threshold": round(image_threshold, 6), "test_images_per_second": round(len(outputs) / seconds, 3)}
+    return figures | {
+        "image_threshold": round(image_threshold, 6),
+        "test_images_per_second": round(len(outputs) / seconds, 3),
+    }
 
 
-def run_model(train_items, test_items, masks, args, model_kwargs: dict, tag: str, map_sources: tuple[str, ...] = ()) -> dict:
+def run_model(
+    train_items, test_items, masks, args, model_kwargs: dict, tag: str, map_sources: tuple[str, ...] = ()
+) -> dict:
     out_dir = f"{args.work_dir}/{tag}"
     fitted = fit(
-        train_items, out_dir, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-        learning_rate=args.lr, augment=args.augment, seed=args.seed, device=args.device, progress=False,
+        train_items,
+        out_dir,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        augment=args.augment,
+        seed=args.seed,
+        device=args.device,
+        progress=False,
         model_kwargs={"backbone": args.backbone, "score_mode": args.score_mode, **model_kwargs},
     )
     model, checkpoint = load_checkpoint(fitted["checkpoint"], args.device)
@@ -146,8 +178,14 @@ def run_model(train_items, test_items, masks, args, model_kwargs: dict, tag: str
     # cross-fitted for the normal-model maps)
     for source in [s for s in map_sources if s != model.anomaly_map_source]:
         model, _ = load_checkpoint(fitted["checkpoint"], args.device, anomaly_map_source=source)
-        threshold = compute_thresholds(model, threshold_items(train_items, args), args.image_size, batch_size=args.batch_size,
-                                       device=args.device, training_features=fitted["features"])
+        threshold = compute_thresholds(
+            model,
+            threshold_items(train_items, args),
+            args.image_size,
+            batch_size=args.batch_size,
+            device=args.device,
+            training_features=fitted["features"],
+        )
         figures[f"map_{source}"] = model_metrics(model, test_items, masks, args, threshold["image_threshold"])
     return figures
 
@@ -157,7 +195,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--layout", required=True, choices=Layout.choices())
     parser.add_argument("--root", required=True)
     parser.add_argument("--category", default=None)
-    parser.add_argument("--num-train-normal", type=int, default=None, help="oct2017 flat root: NORMAL images used for training")
+    parser.add_argument(
+        "--num-train-normal", type=int, default=None, help="oct2017 flat root: NORMAL images used for training"
+    )
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -168,7 +208,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also run with each of FASM, UIAPM, RAM switched off")
-    parser.add_argument("--reference-only", action="store_true", help="only the nearest-neighbour references (no training)")
+    parser.add_argument(
+        "--reference-only", action="store_true", help="only the nearest-neighbour references (no training)"
+    )
     parser.add_argument("--work-dir", default="outputs/bench_quality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -180,15 +222,27 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
 
     masks = test_masks(test_items, args)
-    result = {} if args.reference_only else run_model(train_items, test_items, masks, args, {}, "full", map_sources=MAP_VARIANTS)
+    result = (
+        {}
+        if args.reference_only
+        else run_model(train_items, test_items, masks, args, {}, "full", map_sources=MAP_VARIANTS)
+    )
     # the references see the same training images as URA-Net (minus the normal validation split)
     result["reference"] = nearest_neighbour_reference(train_items, test_items, masks, args, device)
-    result["reference_random_1024"] = nearest_neighbour_reference(train_items, test_items, masks, args, device, subset=1024)
-    result["reference_equalized_levels"] = nearest_neighbour_reference(train_items, test_items, masks, args, device, equalize_levels=True)
+    result["reference_random_1024"] = nearest_neighbour_reference(
+        train_items, test_items, masks, args, device, subset=1024
+    )
+    result["reference_equalized_levels"] = nearest_neighbour_reference(
+        train_items, test_items, masks, args, device, equalize_levels=True
+    )
     if args.ablation and not args.reference_only:
-        result["ablation"] = {tag: run_model(train_items, test_items, masks, args, kw_, tag) for tag, kw_ in ABLATIONS.items()}
+        result["ablation"] = {
+            tag: run_model(train_items, test_items, masks, args, kw_, tag) for tag, kw_ in ABLATIONS.items()
+        }
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("work_dir",)} | {
-        "train_images": len(train_items), "test_images": len(test_items), "torch_threads": torch.get_num_threads(),
+        "train_images": len(train_items),
+        "test_images": len(test_items),
+        "torch_threads": torch.get_num_threads(),
     }
     print(json.dumps(result))
     return result

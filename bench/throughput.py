@@ -120,7 +120,13 @@ def load_avg() -> list[float] | None:
 
 
 def machine(device: torch.device) -> dict:
-    info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "load_avg": load_avg()}
+    info = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "load_avg": load_avg(),
+    }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     else:
@@ -150,7 +156,13 @@ def cuda_graphed(fn: Callable[[], object], device: torch.device) -> Callable[[],
 def build_model(args, image_size: int, device: torch.device) -> URANet:
     torch.manual_seed(0)
     extra = {} if args.map_source is None else {"anomaly_map_source": args.map_source}
-    model = URANet(backbone=args.backbone, image_size=image_size, pretrained=not args.random_weights, num_samples=args.uncertainty_samples, **extra)
+    model = URANet(
+        backbone=args.backbone,
+        image_size=image_size,
+        pretrained=not args.random_weights,
+        num_samples=args.uncertainty_samples,
+        **extra,
+    )
     return model.to(device).eval()
 
 
@@ -191,7 +203,10 @@ def measure_inference(args, model: URANet, fast: FastURANet, device: torch.devic
         images = images.contiguous(memory_format=torch.channels_last)
 
     def backbone_eager():
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=not args.cuda_graph):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, dtype=dtype, enabled=dtype is not None, cache_enabled=not args.cuda_graph),
+        ):
             return trunk_fn(images)
 
     # with --cuda-graph the backbone alone is replayed as a graph too, so that (a) and (b) compare like with like
@@ -202,6 +217,7 @@ def measure_inference(args, model: URANet, fast: FastURANet, device: torch.devic
 
     fns = {"backbone": run_backbone, "inference": run_inference}
     if args.reference:
+
         def run_reference():
             with torch.inference_mode():
                 return model(images, num_samples=args.uncertainty_samples)
@@ -241,7 +257,12 @@ def measure_inference(args, model: URANet, fast: FastURANet, device: torch.devic
 
 def measure_latency(args, fast: FastURANet, device: torch.device, image_size: int) -> float:
     image = torch.rand(1, 3, image_size, image_size, device=device)
-    t = timed({"b1": lambda: fast(image, num_samples=args.uncertainty_samples)}, device, max(args.warmup, 3), max(args.repeats, 5))
+    t = timed(
+        {"b1": lambda: fast(image, num_samples=args.uncertainty_samples)},
+        device,
+        max(args.warmup, 3),
+        max(args.repeats, 5),
+    )
     return t["b1"] * 1000
 
 
@@ -277,7 +298,11 @@ def measure_train(args, model: URANet, device: torch.device, image_size: int, ba
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t = timed({"images": lambda: step(None), "cached": lambda: step(cached)}, device, 1, max(1, args.train_repeats))
-    out = {"train_img_per_s": batch / t["images"], "train_cached_img_per_s": batch / t["cached"], "train_batch_size": batch}
+    out = {
+        "train_img_per_s": batch / t["images"],
+        "train_cached_img_per_s": batch / t["cached"],
+        "train_batch_size": batch,
+    }
     if device.type == "cuda":
         out["peak_memory_train_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
     return out
@@ -300,13 +325,17 @@ def run_setting(args, device: torch.device, image_size: int, batch: int, latency
         "uncertainty_samples": args.uncertainty_samples,
     }
     result.update(measure_inference(args, model, fast, device, image_size, batch))
-    result["latency_ms_batch1"] = latency_ms if latency_ms is not None else measure_latency(args, fast, device, image_size)
+    result["latency_ms_batch1"] = (
+        latency_ms if latency_ms is not None else measure_latency(args, fast, device, image_size)
+    )
     if not args.no_train:
         tb = train_batch_size(args, device, image_size, batch)
         try:
             result.update(measure_train(args, model, device, image_size, tb))
         except Exception as err:  # noqa: BLE001 - out of memory, say: report it, keep the inference figures
-            result["train_error"] = f"{type(err).__name__} at train batch {tb}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            result["train_error"] = (
+                f"{type(err).__name__} at train batch {tb}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+            )
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     result["load_avg"] = load_avg()
@@ -344,7 +373,13 @@ def profile_stages(args, device: torch.device) -> dict:
         with torch.inference_mode():
             return model(images, num_samples=args.uncertainty_samples)
 
-    result = {"image_size": args.image_size, "batch_size": args.batch_size, "dtype": args.dtype, "device": device.type, "map_source": model.anomaly_map_source}
+    result = {
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+        "dtype": args.dtype,
+        "device": device.type,
+        "map_source": model.anomaly_map_source,
+    }
     for path in ("fast", "reference"):
         ref_handles = []
         if path == "reference":
@@ -392,7 +427,9 @@ def profile_stages(args, device: torch.device) -> dict:
         sync(device)
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))[:15]
-    result["fast_top_ops"] = [{"op": e.key, "ms": round(getattr(e, attr) / 1000.0, 2), "calls": e.count} for e in events]
+    result["fast_top_ops"] = [
+        {"op": e.key, "ms": round(getattr(e, attr) / 1000.0, 2), "calls": e.count} for e in events
+    ]
     result["load_avg"] = load_avg()
     return result
 
@@ -417,8 +454,20 @@ def check(args, device: torch.device) -> dict:
     variants = {"configured": {}}
     if args.check_all:
         variants = {
-            "fp32_chunked": {"dtype": "fp32", "attention": "chunked", "channels_last": False, "cuda_graph": False, "compile": False},
-            "fp32_sdpa": {"dtype": "fp32", "attention": "sdpa", "channels_last": False, "cuda_graph": False, "compile": False},
+            "fp32_chunked": {
+                "dtype": "fp32",
+                "attention": "chunked",
+                "channels_last": False,
+                "cuda_graph": False,
+                "compile": False,
+            },
+            "fp32_sdpa": {
+                "dtype": "fp32",
+                "attention": "sdpa",
+                "channels_last": False,
+                "cuda_graph": False,
+                "compile": False,
+            },
             "fp32_channels_last": {"dtype": "fp32", "channels_last": True, "cuda_graph": False, "compile": False},
             f"{args.dtype}_chunked": {"attention": "chunked", "cuda_graph": False, "compile": False},
             f"{args.dtype}_sdpa": {"attention": "sdpa", "cuda_graph": False, "compile": False},
@@ -437,9 +486,18 @@ def check(args, device: torch.device) -> dict:
             out = fast(images.to(device), num_samples=0)
             errs = {k: float((out[k].float().cpu() - reference[k].float()).abs().max()) for k in keys}
             tol = args.low_precision_tolerance * scale if low_precision else args.tolerance
-            results[name] = {"max_abs_error": errs, "tolerance": round(tol, 6), "ok": max(errs.values()) <= tol and set(out) == set(reference)}
+            results[name] = {
+                "max_abs_error": errs,
+                "tolerance": round(tol, 6),
+                "ok": max(errs.values()) <= tol and set(out) == set(reference),
+            }
         except Exception as err:  # noqa: BLE001 - report every variant
-            results[name] = {"error": f"{type(err).__name__}: {err}"[:500], "ok": False, "max_abs_error": None, "tolerance": None}
+            results[name] = {
+                "error": f"{type(err).__name__}: {err}"[:500],
+                "ok": False,
+                "max_abs_error": None,
+                "tolerance": None,
+            }
         finally:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
     return {
@@ -464,27 +522,42 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (e.g. max-autotune, reduce-overhead)")
     p.add_argument("--cuda-graph", action="store_true", help="replay the fast path as a CUDA graph per input shape")
     p.add_argument("--attention", default="auto", choices=AttentionMode.choices())
-    p.add_argument("--map-source", default=None, choices=MapSource.choices(), help="URANet anomaly_map_source (default: the model's default)")
-    p.add_argument("--uncertainty-samples", type=int, default=0, help="stochastic perception passes (0: none, the fast path)")
+    p.add_argument(
+        "--map-source",
+        default=None,
+        choices=MapSource.choices(),
+        help="URANet anomaly_map_source (default: the model's default)",
+    )
+    p.add_argument(
+        "--uncertainty-samples", type=int, default=0, help="stochastic perception passes (0: none, the fast path)"
+    )
     p.add_argument("--warmup", type=int, default=None, help="default: 1 on the CPU, 3 on the GPU")
     p.add_argument("--repeats", type=int, default=None, help="default: 3 on the CPU, 10 on the GPU")
     p.add_argument("--train-repeats", type=int, default=None, help="default: 2 on the CPU, 5 on the GPU")
     p.add_argument("--train-batch-size", type=int, default=0, help="default: the batch size, capped by a memory budget")
     p.add_argument("--no-train", action="store_true")
     p.add_argument("--reference", action="store_true", help="also time the reference path (URANet.forward)")
-    p.add_argument("--random-weights", action="store_true", help="no ImageNet weights (throughput does not depend on them)")
+    p.add_argument(
+        "--random-weights", action="store_true", help="no ImageNet weights (throughput does not depend on them)"
+    )
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     p.add_argument("--sweep", action="store_true", help="run the settings grid of the device")
     p.add_argument("--sizes", default=None, help="comma-separated image sizes for --sweep")
     p.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes for --sweep")
-    p.add_argument("--profile", action="store_true", help="torch.profiler stage breakdown at --image-size / --batch-size")
+    p.add_argument(
+        "--profile", action="store_true", help="torch.profiler stage breakdown at --image-size / --batch-size"
+    )
     p.add_argument("--check", action="store_true", help="fast path on --device against the CPU fp32 reference path")
     p.add_argument("--check-all", action="store_true", help="with --check: every attention / dtype / layout variant")
     p.add_argument("--check-batch", type=int, default=4)
     p.add_argument("--tolerance", type=float, default=1e-3, help="max abs map error of fp32 fast paths")
-    p.add_argument("--low-precision-tolerance", type=float, default=5e-2, help="max abs map error of bf16/fp16 fast paths")
+    p.add_argument(
+        "--low-precision-tolerance", type=float, default=5e-2, help="max abs map error of bf16/fp16 fast paths"
+    )
     p.add_argument("--json-out", default=None, help="also append every JSON line to this file")
-    p.add_argument("--table", default=None, metavar="JSONL", help="print a markdown table of a --json-out file and exit")
+    p.add_argument(
+        "--table", default=None, metavar="JSONL", help="print a markdown table of a --json-out file and exit"
+    )
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
     args.warmup = (1 if cpu else 3) if args.warmup is None else args.warmup
@@ -506,10 +579,21 @@ def table(path: str) -> str:
         elif "check" in obj:
             checks.append(obj)
     cols = [
-        ("map_source", "map"), ("image_size", "size"), ("batch_size", "batch"), ("dtype", "dtype"), ("channels_last", "NHWC"),
-        ("cuda_graph", "graph"), ("compile", "compile"), ("attention", "attention"), ("backbone_img_per_s", "backbone img/s"),
-        ("inference_img_per_s", "URA-Net img/s"), ("ratio", "ratio"), ("reference_img_per_s", "reference img/s"),
-        ("latency_ms_batch1", "b1 latency ms"), ("train_img_per_s", "train img/s"), ("train_batch_size", "train batch"),
+        ("map_source", "map"),
+        ("image_size", "size"),
+        ("batch_size", "batch"),
+        ("dtype", "dtype"),
+        ("channels_last", "NHWC"),
+        ("cuda_graph", "graph"),
+        ("compile", "compile"),
+        ("attention", "attention"),
+        ("backbone_img_per_s", "backbone img/s"),
+        ("inference_img_per_s", "URA-Net img/s"),
+        ("ratio", "ratio"),
+        ("reference_img_per_s", "reference img/s"),
+        ("latency_ms_batch1", "b1 latency ms"),
+        ("train_img_per_s", "train img/s"),
+        ("train_batch_size", "train batch"),
         ("peak_memory_mb", "peak MiB"),
     ]
     out = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
@@ -517,7 +601,9 @@ def table(path: str) -> str:
         out.append("| " + " | ".join("" if r.get(k) is None else str(r.get(k)) for k, _ in cols) + " |")
     for c in checks:
         for name, res in c["check"].items():
-            out.append(f"\ncheck {c.get('map_source')} {name}: ok={res['ok']} max_abs_error={res['max_abs_error']} tolerance={res['tolerance']}")
+            out.append(
+                f"\ncheck {c.get('map_source')} {name}: ok={res['ok']} max_abs_error={res['max_abs_error']} tolerance={res['tolerance']}"
+            )
     return "\n".join(out)
 
 
@@ -540,7 +626,11 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("CUDA is not available", file=sys.stderr)
         return 2
-    header = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine(device), "argv": sys.argv[1:]}
+    header = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": machine(device),
+        "argv": sys.argv[1:],
+    }
     if args.check:
         result = header | check(args, device)
         emit(result, args)
@@ -570,8 +660,24 @@ def main(argv=None) -> int:
             emit(row, args)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    keys = ("image_size", "batch_size", "backbone_img_per_s", "inference_img_per_s", "ratio", "latency_ms_batch1", "train_img_per_s", "peak_memory_mb")
-    emit(header | {"summary": [{k: r.get(k) for k in keys} for r in rows], "min_ratio": min((r["ratio"] for r in rows), default=None)}, args)
+    keys = (
+        "image_size",
+        "batch_size",
+        "backbone_img_per_s",
+        "inference_img_per_s",
+        "ratio",
+        "latency_ms_batch1",
+        "train_img_per_s",
+        "peak_memory_mb",
+    )
+    emit(
+        header
+        | {
+            "summary": [{k: r.get(k) for k in keys} for r in rows],
+            "min_ratio": min((r["ratio"] for r in rows), default=None),
+        },
+        args,
+    )
     return 0
 
 

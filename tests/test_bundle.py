@@ -24,7 +24,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 BUNDLE = REPO / "bundles" / "ura_net_oct"
 CONFIGS = BUNDLE / "configs"
-TRAIN, EVALUATE, INFERENCE, MULTI_GPU = (str(CONFIGS / f"{n}.json") for n in ("train", "evaluate", "inference", "multi_gpu_train"))
+TRAIN, EVALUATE, INFERENCE, MULTI_GPU = (
+    str(CONFIGS / f"{n}.json") for n in ("train", "evaluate", "inference", "multi_gpu_train")
+)
 METADATA = str(CONFIGS / "metadata.json")
 SCHEMA = str(REPO / "bundles" / "schema" / "meta_schema.json")
 PRESETS = REPO / "configs"
@@ -37,15 +39,21 @@ TINY = ["--image_size", str(SIZE), "--batch_size", "4"]
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1")
+    env.update(
+        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore", CUDA_VISIBLE_DEVICES="", TQDM_DISABLE="1"
+    )
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH", "")]))
     return env
 
 
-def _run(args: list[str], cwd: Path | None = None, expect_ok: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def _run(
+    args: list[str], cwd: Path | None = None, expect_ok: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=timeout)
     if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(args[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(args[:6])} ... failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -79,7 +87,14 @@ def _oct_image(rng: np.random.Generator, abnormal: bool, height: int = 80, width
 def make_oct2017(root: Path, n_train: int = 8, seed: int = 0) -> Path:
     """OCT-2017's released layout: ``train/{NORMAL,CNV}`` and ``test/{NORMAL,CNV,DME,DRUSEN}`` grey JPEGs."""
     rng = np.random.default_rng(seed)
-    for split, cls, count in [("train", "NORMAL", n_train), ("train", "CNV", 2), ("test", "NORMAL", 3), ("test", "CNV", 2), ("test", "DME", 2), ("test", "DRUSEN", 2)]:
+    for split, cls, count in [
+        ("train", "NORMAL", n_train),
+        ("train", "CNV", 2),
+        ("test", "NORMAL", 3),
+        ("test", "CNV", 2),
+        ("test", "DME", 2),
+        ("test", "DRUSEN", 2),
+    ]:
         folder = root / split / cls
         folder.mkdir(parents=True, exist_ok=True)
         for i in range(count):
@@ -104,14 +119,48 @@ def write_dicom_series(folder: Path, slices: int = 4, size: int = 64) -> str:
         ds.file_meta = meta
         ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame
-        ds.Modality, ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "MR", "Phantom^Test", "PHANTOM", "19700101", "O"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = "20240101", "120000", "1", "1", ""
+        ds.Modality, ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = (
+            "MR",
+            "Phantom^Test",
+            "PHANTOM",
+            "19700101",
+            "O",
+        )
+        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID, ds.ReferringPhysicianName = (
+            "20240101",
+            "120000",
+            "1",
+            "1",
+            "",
+        )
         ds.SeriesNumber, ds.Manufacturer, ds.PositionReferenceIndicator, ds.InstanceNumber = 1, "test", "", k + 1
         ds.ImagePositionPatient, ds.ImageOrientationPatient = [0.0, 0.0, 2.0 * k], [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-        ds.PixelSpacing, ds.SliceThickness, ds.SamplesPerPixel, ds.PhotometricInterpretation = [1.0, 1.0], 2.0, 1, "MONOCHROME2"
-        ds.ImageType, ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = ["ORIGINAL", "PRIMARY", "M"], "GR", "NONE", "", "2D"
-        pixels = (1000 * np.exp(-((yy - size / 2) ** 2) / 200.0) + rng.normal(0, 20, (size, size))).clip(0, 4000).astype(np.uint16)
-        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = size, size, 16, 16, 15, 0
+        ds.PixelSpacing, ds.SliceThickness, ds.SamplesPerPixel, ds.PhotometricInterpretation = (
+            [1.0, 1.0],
+            2.0,
+            1,
+            "MONOCHROME2",
+        )
+        ds.ImageType, ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = (
+            ["ORIGINAL", "PRIMARY", "M"],
+            "GR",
+            "NONE",
+            "",
+            "2D",
+        )
+        pixels = (
+            (1000 * np.exp(-((yy - size / 2) ** 2) / 200.0) + rng.normal(0, 20, (size, size)))
+            .clip(0, 4000)
+            .astype(np.uint16)
+        )
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = (
+            size,
+            size,
+            16,
+            16,
+            15,
+            0,
+        )
         ds.PixelData = pixels.tobytes()
         ds.save_as(folder / f"slice_{k:03d}.dcm", enforce_file_format=True)
     return series
@@ -121,9 +170,14 @@ def make_btad(root: Path, product: str = "01") -> Path:
     """BTAD's layout (``<product>/train/ok``, ``test/{ok,ko}``, ``ground_truth/ko``) from demo images, as BMP."""
     from ura_monai.data import make_demo_dataset
 
-    demo = make_demo_dataset(root / "_demo", category="demo", n_train=6, n_test_good=2, n_test_defect=3, image_size=SIZE)
+    demo = make_demo_dataset(
+        root / "_demo", category="demo", n_train=6, n_test_good=2, n_test_defect=3, image_size=SIZE
+    )
     base = root / product
-    for source, target in [(demo / "train" / "good", base / "train" / "ok"), (demo / "test" / "good", base / "test" / "ok")]:
+    for source, target in [
+        (demo / "train" / "good", base / "train" / "ok"),
+        (demo / "test" / "good", base / "test" / "ok"),
+    ]:
         target.mkdir(parents=True, exist_ok=True)
         for path in sorted(source.glob("*.png")):
             Image.open(path).save(target / f"{path.stem}.bmp")
@@ -133,7 +187,9 @@ def make_btad(root: Path, product: str = "01") -> Path:
     for defect in sorted(p for p in (demo / "test").iterdir() if p.name != "good"):
         for path in sorted(defect.glob("*.png")):
             Image.open(path).save(base / "test" / "ko" / f"{index:03d}.bmp")
-            Image.open(demo / "ground_truth" / defect.name / f"{path.stem}_mask.png").save(base / "ground_truth" / "ko" / f"{index:03d}.png")
+            Image.open(demo / "ground_truth" / defect.name / f"{path.stem}_mask.png").save(
+                base / "ground_truth" / "ko" / f"{index:03d}.png"
+            )
             index += 1
     return root
 
@@ -157,8 +213,21 @@ def trained(tmp_path_factory, oct_data) -> dict:
     """The README's training command (run id ``training``) with ``--tracking mlflow``, two epochs at 64x64."""
     root = tmp_path_factory.mktemp("bundle_root")
     proc = bundle(
-        "run", "training", "--bundle_root", str(root), "--config_file", TRAIN, "--dataset_dir", str(oct_data),
-        *TINY, "--epochs", "2", "--preset#val_abnormal_per_class", "2", "--tracking", "mlflow",
+        "run",
+        "training",
+        "--bundle_root",
+        str(root),
+        "--config_file",
+        TRAIN,
+        "--dataset_dir",
+        str(oct_data),
+        *TINY,
+        "--epochs",
+        "2",
+        "--preset#val_abnormal_per_class",
+        "2",
+        "--tracking",
+        "mlflow",
     )
     return {"root": root, "log": proc.stdout + proc.stderr}
 
@@ -221,7 +290,17 @@ def test_tracking_mlflow_records_the_run(trained):
 @pytest.mark.slow
 def test_evaluate_writes_image_metrics(trained, oct_data):
     root = trained["root"]
-    bundle("run", "evaluating", "--bundle_root", str(root), "--config_file", _config_list(TRAIN, EVALUATE), "--dataset_dir", str(oct_data), *TINY)
+    bundle(
+        "run",
+        "evaluating",
+        "--bundle_root",
+        str(root),
+        "--config_file",
+        _config_list(TRAIN, EVALUATE),
+        "--dataset_dir",
+        str(oct_data),
+        *TINY,
+    )
     metrics = json.loads((root / "eval" / "metrics.json").read_text())
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["f1_max"] <= 1.0
     assert metrics["undefined"] == ["pixel_auroc", "aupro"]  # OCT-2017 has no masks
@@ -234,7 +313,17 @@ def test_evaluate_writes_image_metrics(trained, oct_data):
 @pytest.mark.slow
 def test_inference_on_images_writes_maps_overlays_and_scores(trained, oct_data, tmp_path):
     out = tmp_path / "predictions"
-    bundle("run", "--bundle_root", str(trained["root"]), "--config_file", INFERENCE, "--input_dir", str(oct_data / "test"), "--output_dir", str(out))
+    bundle(
+        "run",
+        "--bundle_root",
+        str(trained["root"]),
+        "--config_file",
+        INFERENCE,
+        "--input_dir",
+        str(oct_data / "test"),
+        "--output_dir",
+        str(out),
+    )
     rows = _read_csv(out / "scores.csv")
     assert len(rows) == 9 and all(r["error"] == "" and r["decision"] in ("normal", "anomalous") for r in rows)
     stem = "CNV_CNV-000-1"
@@ -251,8 +340,18 @@ def test_inference_on_a_dicom_folder(trained, tmp_path):
     out = tmp_path / "dicom_results"
     # the ``inferring`` id: an alias of the entry point ``run`` (one inference expression in inference.json)
     bundle(
-        "run", "inferring", "--bundle_root", str(trained["root"]), "--config_file", INFERENCE,
-        "--input_dir", str(tmp_path / "dicom"), "--input_type", "dicom", "--output_dir", str(out),
+        "run",
+        "inferring",
+        "--bundle_root",
+        str(trained["root"]),
+        "--config_file",
+        INFERENCE,
+        "--input_dir",
+        str(tmp_path / "dicom"),
+        "--input_type",
+        "dicom",
+        "--output_dir",
+        str(out),
     )
     rows = _read_csv(out / "results.csv")
     assert [r["status"] for r in rows] == ["ok"] and rows[0]["series_uid"] == uid
@@ -274,10 +373,31 @@ def test_inference_on_a_dicom_folder(trained, tmp_path):
 def test_torchrun_two_ranks_with_gloo(oct_data, tmp_path):
     root = tmp_path / "ddp_root"
     proc = _run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee", "3",
-         "-m", "monai.bundle", "run", "training", "--bundle_root", str(root),
-         "--config_file", "['train.json','multi_gpu_train.json']", "--dataset_dir", str(oct_data),
-         "--image_size", str(SIZE), "--batch_size", "2", "--epochs", "1"],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "--tee",
+            "3",
+            "-m",
+            "monai.bundle",
+            "run",
+            "training",
+            "--bundle_root",
+            str(root),
+            "--config_file",
+            "['train.json','multi_gpu_train.json']",
+            "--dataset_dir",
+            str(oct_data),
+            "--image_size",
+            str(SIZE),
+            "--batch_size",
+            "2",
+            "--epochs",
+            "1",
+        ],
         cwd=CONFIGS,
     )
     log = proc.stdout + proc.stderr
@@ -307,9 +427,18 @@ def test_presets_train_on_their_layout(preset, tmp_path):
         where = ["--dataset_dir", str(data), "--category", "bottle"]
     elif preset == "btad":
         make_btad(data, product="01")
-        where = ["--dataset_dir", str(data), "--category", "01", "--early_stop_patience", "2"]  # wired in, not triggered
+        where = [
+            "--dataset_dir",
+            str(data),
+            "--category",
+            "01",
+            "--early_stop_patience",
+            "2",
+        ]  # wired in, not triggered
     else:  # any folder of normal images
-        demo = make_demo_dataset(tmp_path / "demo", category="parts", n_train=6, n_test_good=0, n_test_defect=0, image_size=SIZE)
+        demo = make_demo_dataset(
+            tmp_path / "demo", category="parts", n_train=6, n_test_good=0, n_test_defect=0, image_size=SIZE
+        )
         data.mkdir()
         for path in (demo / "train" / "good").glob("*.png"):
             (data / path.name).write_bytes(path.read_bytes())
@@ -323,7 +452,16 @@ def test_presets_train_on_their_layout(preset, tmp_path):
     assert checkpoint["extra"]["preset"] == preset and checkpoint["extra"]["train_images"] == 5
     assert "pixel_threshold" in checkpoint["postprocessing"]
     if preset == "mvtec_ad":  # masks exist: evaluation reports pixel AUROC and AUPRO too
-        bundle("run", "evaluating", "--bundle_root", str(root), "--config_file", _config_list(*configs, EVALUATE), *where, *TINY)
+        bundle(
+            "run",
+            "evaluating",
+            "--bundle_root",
+            str(root),
+            "--config_file",
+            _config_list(*configs, EVALUATE),
+            *where,
+            *TINY,
+        )
         metrics = json.loads((root / "eval" / "metrics.json").read_text())
         assert metrics["undefined"] == []
         assert all(0.0 <= metrics[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro", "f1_max"))
@@ -335,7 +473,9 @@ def test_presets_train_on_their_layout(preset, tmp_path):
 def _initialize(config_file, **override):
     from monai.bundle import ConfigWorkflow
 
-    workflow = ConfigWorkflow(config_file=config_file, meta_file=METADATA, logging_file=False, workflow_type=None, **override)
+    workflow = ConfigWorkflow(
+        config_file=config_file, meta_file=METADATA, logging_file=False, workflow_type=None, **override
+    )
     with pytest.raises(Exception) as info:
         workflow.initialize()
     error = info.value
@@ -353,18 +493,31 @@ def test_bad_input_fails_at_initialize_naming_the_key(oct_data, tmp_path):
     bad_preset.write_text(json.dumps({"preset": {"layout": "mvtec", "imgae_size": 128}}))
     assert "'imgae_size'" in _initialize([TRAIN, str(bad_preset)], bundle_root=root, dataset_dir=str(oct_data))
     assert "dataset_dir is not set" in _initialize(TRAIN, bundle_root=root)
-    assert f"dataset_dir not found: {tmp_path / 'nowhere'}" in _initialize(TRAIN, bundle_root=root, dataset_dir=str(tmp_path / "nowhere"))
+    assert f"dataset_dir not found: {tmp_path / 'nowhere'}" in _initialize(
+        TRAIN, bundle_root=root, dataset_dir=str(tmp_path / "nowhere")
+    )
     mvtec = [TRAIN, str(PRESETS / "mvtec_ad.json")]
     assert "category is empty" in _initialize(mvtec, bundle_root=root, dataset_dir=str(oct_data), category="")
-    assert "category folder not found" in _initialize(mvtec, bundle_root=root, dataset_dir=str(oct_data), category="bottle")
+    assert "category folder not found" in _initialize(
+        mvtec, bundle_root=root, dataset_dir=str(oct_data), category="bottle"
+    )
     missing = tmp_path / "models" / "missing.pt"
-    assert f"ckpt_path not found: {missing}" in _initialize([TRAIN, EVALUATE], bundle_root=root, dataset_dir=str(oct_data), ckpt_path=str(missing))
-    assert f"ckpt_path not found: {missing}" in _initialize(INFERENCE, bundle_root=root, input_dir=str(oct_data), ckpt_path=str(missing))
-    assert "input_type must be one of" in _initialize(INFERENCE, bundle_root=root, input_dir=str(oct_data), input_type="video")
+    assert f"ckpt_path not found: {missing}" in _initialize(
+        [TRAIN, EVALUATE], bundle_root=root, dataset_dir=str(oct_data), ckpt_path=str(missing)
+    )
+    assert f"ckpt_path not found: {missing}" in _initialize(
+        INFERENCE, bundle_root=root, input_dir=str(oct_data), ckpt_path=str(missing)
+    )
+    assert "input_type must be one of" in _initialize(
+        INFERENCE, bundle_root=root, input_dir=str(oct_data), input_type="video"
+    )
     assert not (tmp_path / "root").exists()  # nothing was written: no work started
     # and from the command line: a one-line reason in the error output, non-zero exit
     proc = bundle("run", "training", "--bundle_root", root, "--config_file", TRAIN, expect_ok=False)
-    assert proc.returncode != 0 and "ValueError: dataset_dir is not set: pass --dataset_dir <dataset folder>" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "ValueError: dataset_dir is not set: pass --dataset_dir <dataset folder>" in proc.stderr
+    )
     # the cause alone, not MONAI's 60-80 line traceback through its config parser
     assert "Traceback" not in proc.stderr and len([line for line in proc.stderr.splitlines() if line.strip()]) < 15
 
@@ -376,9 +529,15 @@ def test_check_preset_fills_defaults_and_rejects_bad_values():
     from ura_monai.bundle import PRESET_DEFAULTS, check_preset
 
     assert check_preset({"layout": "mvtec"}) == {**PRESET_DEFAULTS, "layout": "mvtec"}
-    for bad, key in [({"layout": "coco"}, "preset#layout"), ({"augment": "rotate"}, "preset#augment"), ({"channels": 2}, "preset#channels"),
-                     ({"val_fraction": 1.0}, "preset#val_fraction"), ({"num_train_normal": 0}, "preset#num_train_normal"),
-                     ({"val_abnormal_per_class": -1}, "preset#val_abnormal_per_class"), ({"sizes": 1}, "preset#sizes")]:
+    for bad, key in [
+        ({"layout": "coco"}, "preset#layout"),
+        ({"augment": "rotate"}, "preset#augment"),
+        ({"channels": 2}, "preset#channels"),
+        ({"val_fraction": 1.0}, "preset#val_fraction"),
+        ({"num_train_normal": 0}, "preset#num_train_normal"),
+        ({"val_abnormal_per_class": -1}, "preset#val_abnormal_per_class"),
+        ({"sizes": 1}, "preset#sizes"),
+    ]:
         with pytest.raises(ValueError, match=key):
             check_preset(bad)
 
@@ -390,7 +549,10 @@ def test_training_splits_hold_out_normals_and_draw_oct_abnormals(oct_data):
     assert len(splits["train"]) == 7 and len(splits["threshold"]) == 1
     assert [it["label"] for it in splits["val"]] == [0, 1] and splits["val"][1]["defect_type"] == "CNV"
     assert not {it["image"] for it in splits["train"]} & {it["image"] for it in splits["val"]}
-    assert training_splits("oct2017", oct_data, num_train_normal=4)["threshold"] == training_splits("oct2017", oct_data, num_train_normal=4)["train"]
+    assert (
+        training_splits("oct2017", oct_data, num_train_normal=4)["threshold"]
+        == training_splits("oct2017", oct_data, num_train_normal=4)["train"]
+    )
     assert len(list_input_files(oct_data / "test")) == 9
 
 
@@ -400,7 +562,13 @@ def test_validation_score_is_auroc_with_abnormal_images_else_minus_residual():
     from ura_monai.metrics.validation import ValidationScore
 
     def run(labels):
-        batches = [{"pred_score": torch.tensor([0.1, 0.9]), "label": torch.tensor(labels), "anomaly_map": torch.full((2, 1, 4, 4), 0.5)}]
+        batches = [
+            {
+                "pred_score": torch.tensor([0.1, 0.9]),
+                "label": torch.tensor(labels),
+                "anomaly_map": torch.full((2, 1, 4, 4), 0.5),
+            }
+        ]
         engine = Engine(lambda e, b: b)
         ValidationScore().attach(engine, "val_score")
         return engine.run(batches).metrics

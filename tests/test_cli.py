@@ -84,7 +84,9 @@ def test_demo_writes_metrics_overlays_and_scores(demo, capsys):
         assert (row["decision"] == "anomalous") == (float(row["score"]) >= float(row["threshold"]))
         assert (demo / "predictions" / row["overlay"]).is_file()
     # test/good/000.png and test/blob/000.png share a stem: outputs are named by the path under test/
-    assert (demo / "predictions" / "good_000_overlay.png").is_file() and (demo / "predictions" / "blob_000_overlay.png").is_file()
+    assert (demo / "predictions" / "good_000_overlay.png").is_file() and (
+        demo / "predictions" / "blob_000_overlay.png"
+    ).is_file()
     assert len(list((demo / "predictions").glob("*_overlay.png"))) == 20
     assert len(list((demo / "predictions").glob("*_anomaly_map.npy"))) == 20
     assert len(list((demo / "predictions").glob("*_uncertainty.npy"))) == 20
@@ -104,8 +106,22 @@ def test_predict_folder_keeps_going_past_bad_files(checkpoint, demo, tmp_path, c
     before = {p: _digest(p) for p in inputs.rglob("*") if p.is_file()}
 
     out = tmp_path / "out"
-    code = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
-                 "--batch-size", "2", "--uncertainty-samples", "2", *QUIET])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(inputs),
+            "--output",
+            str(out),
+            "--batch-size",
+            "2",
+            "--uncertainty-samples",
+            "2",
+            *QUIET,
+        ]
+    )
     assert code == 0
     assert "3 image(s) predicted" in capsys.readouterr().out
 
@@ -126,7 +142,18 @@ def test_outputs_never_overwrite_inputs(checkpoint, demo, tmp_path, capsys):
     (inputs / "x.png").write_bytes(src.read_bytes())
 
     # an output folder inside the input folder is refused before anything is written
-    code = main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(inputs / "results"), *QUIET])
+    code = main(
+        [
+            "predict",
+            "--checkpoint",
+            str(checkpoint),
+            "--input",
+            str(inputs),
+            "--output",
+            str(inputs / "results"),
+            *QUIET,
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "inside the input folder" in err and "Traceback" not in err
@@ -147,31 +174,68 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
     missing = tmp_path / "nowhere" / "model.pt"
     image = tmp_path / "img.png"
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
-    assert main(["predict", "--checkpoint", str(missing), "--input", str(image), "--output", str(tmp_path / "o"), *QUIET]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(missing), "--input", str(image), "--output", str(tmp_path / "o"), *QUIET])
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.startswith("ura-monai: error:") and str(missing) in err and "\n" not in err and "Traceback" not in err
 
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"definitely not a checkpoint")
-    assert main(["predict", "--checkpoint", str(garbage), "--input", str(image), "--output", str(tmp_path / "o"), *QUIET]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(garbage), "--input", str(image), "--output", str(tmp_path / "o"), *QUIET])
+        == 2
+    )
     assert str(garbage) in capsys.readouterr().err
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert main(["predict", "--checkpoint", str(garbage), "--input", str(empty), "--output", str(tmp_path / "o"), *QUIET]) == 2
+    assert (
+        main(["predict", "--checkpoint", str(garbage), "--input", str(empty), "--output", str(tmp_path / "o"), *QUIET])
+        == 2
+    )
     assert "no files" in capsys.readouterr().err
 
-    assert main(["fit", "--layout", "mvtec", "--root", str(tmp_path / "missing_root"), "--output", str(tmp_path / "f"), *QUIET]) == 2
+    assert (
+        main(
+            [
+                "fit",
+                "--layout",
+                "mvtec",
+                "--root",
+                str(tmp_path / "missing_root"),
+                "--output",
+                str(tmp_path / "f"),
+                *QUIET,
+            ]
+        )
+        == 2
+    )
     assert "missing_root" in capsys.readouterr().err
 
     with pytest.raises(FileNotFoundError):  # --debug shows the real exception
-        main(["predict", "--checkpoint", str(missing), "--input", str(image), "--output", str(tmp_path / "o"), "--debug", *QUIET])
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(missing),
+                "--input",
+                str(image),
+                "--output",
+                str(tmp_path / "o"),
+                "--debug",
+                *QUIET,
+            ]
+        )
 
 
 def test_predictor_outputs_are_at_the_original_size(checkpoint, tmp_path):
     predictor = URANetPredictor(checkpoint, num_samples=2, batch_size=3)
     assert isinstance(predictor, SlicePredictor)
-    assert predictor.image_size == SIZE and predictor.image_threshold is not None and predictor.pixel_threshold is not None
+    assert (
+        predictor.image_size == SIZE and predictor.image_threshold is not None and predictor.pixel_threshold is not None
+    )
 
     out = predictor(torch.rand(4, 1, 40, 90))  # grey, non-square, batch larger than batch_size
     assert out["anomaly_map"].shape == (4, 40, 90) and out["uncertainty_map"].shape == (4, 40, 90)
@@ -198,14 +262,37 @@ def test_predictor_outputs_are_at_the_original_size(checkpoint, tmp_path):
 def test_fit_is_deterministic(demo, checkpoint, tmp_path, capsys):
     # the same settings as the demo's own fit: a second fit with the same seed must give the same model
     out = tmp_path / "fit"
-    code = main(["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--image-size", str(SIZE),
-                 "--epochs", "1", "--seed", "0", "--output", str(out), *QUIET])
+    code = main(
+        [
+            "fit",
+            "--layout",
+            "mvtec",
+            "--root",
+            str(demo / "data"),
+            "--category",
+            "demo",
+            "--image-size",
+            str(SIZE),
+            "--epochs",
+            "1",
+            "--seed",
+            "0",
+            "--output",
+            str(out),
+            *QUIET,
+        ]
+    )
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert Path(summary["checkpoint"]) == out / "model.pt"
     assert math.isfinite(summary["postprocessing"]["image_threshold"])
 
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1) for p in _test_images(demo)[:4]])
+    images = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1)
+            for p in _test_images(demo)[:4]
+        ]
+    )
     first = URANetPredictor(checkpoint, num_samples=2)(images)
     second = URANetPredictor(out / "model.pt", num_samples=2)(images)
     for key in ("anomaly_map", "uncertainty_map", "pred_score"):
@@ -215,11 +302,34 @@ def test_fit_is_deterministic(demo, checkpoint, tmp_path, capsys):
 
 def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
     out = tmp_path / "fit"
-    code = main(["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--image-size", str(SIZE),
-                 "--epochs", "1", "--map-source", "restoration", "--output", str(out), *QUIET])
+    code = main(
+        [
+            "fit",
+            "--layout",
+            "mvtec",
+            "--root",
+            str(demo / "data"),
+            "--category",
+            "demo",
+            "--image-size",
+            str(SIZE),
+            "--epochs",
+            "1",
+            "--map-source",
+            "restoration",
+            "--output",
+            str(out),
+            *QUIET,
+        ]
+    )
     assert code == 0
     assert read_checkpoint(out / "model.pt")["config"]["anomaly_map_source"] == "restoration"
-    images = torch.stack([torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1) for p in _test_images(demo)[:2]])
+    images = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1)
+            for p in _test_images(demo)[:2]
+        ]
+    )
     restoration = URANetPredictor(out / "model.pt", num_samples=0)(images)["anomaly_map"]
     prototype = URANetPredictor(checkpoint, num_samples=0)(images)["anomaly_map"]
     assert not torch.allclose(restoration, prototype)  # another map, not the default under another name
@@ -256,5 +366,19 @@ def test_predict_dicom_on_the_shared_mr_series(checkpoint, shared_data, tmp_path
     assert len(ok) == 1
     nifti = next(out.rglob("anomaly_map.nii.gz"))
     assert 192 in nib.load(nifti).shape
-    assert main(["predict-dicom", "--checkpoint", str(checkpoint), "--input", str(series_dir), "--output", str(series_dir / "out"), *QUIET]) == 2
+    assert (
+        main(
+            [
+                "predict-dicom",
+                "--checkpoint",
+                str(checkpoint),
+                "--input",
+                str(series_dir),
+                "--output",
+                str(series_dir / "out"),
+                *QUIET,
+            ]
+        )
+        == 2
+    )
     assert not (series_dir / "out").exists()

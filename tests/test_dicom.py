@@ -518,7 +518,9 @@ def test_results_csv_rows_and_error_row(dicom_folder, folder_run):
     assert row_a["decision"] in {"normal", "anomalous"} and len(row_a["top_slices"].split(";")) == 3
     assert len(folder_run["rows"]) == len(rows)
     assert folder_run["predictor"].largest_batch == 4
-    leftovers = [p.name for p in folder_run["output"].iterdir() if p.name.startswith(".") and p.name != OUTPUT_MARKER_NAME]
+    leftovers = [
+        p.name for p in folder_run["output"].iterdir() if p.name.startswith(".") and p.name != OUTPUT_MARKER_NAME
+    ]
     assert not leftovers  # no staging folders or temporary files left (only the output-folder marker)
 
 

@@ -48,7 +48,9 @@ def make_model(image_size: int = 64, seed: int = 0, **overrides) -> URANet:
 def images(batch: int = 3, height: int = 64, width: int = 64, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, height, width, generator=g)
-    x[:, :, height // 4 : height // 2, width // 3 : width // 2] = 1.0 - x[:, :, height // 4 : height // 2, width // 3 : width // 2]
+    x[:, :, height // 4 : height // 2, width // 3 : width // 2] = (
+        1.0 - x[:, :, height // 4 : height // 2, width // 3 : width // 2]
+    )
     return x
 
 
@@ -58,7 +60,9 @@ def reference(model: URANet, x: torch.Tensor, num_samples: int | None = None, se
         return model(x, num_samples=num_samples)
 
 
-def fast(model: URANet, x: torch.Tensor, num_samples: int | None = None, seed: int = 7, **options) -> dict[str, torch.Tensor]:
+def fast(
+    model: URANet, x: torch.Tensor, num_samples: int | None = None, seed: int = 7, **options
+) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return FastURANet(model, **options)(x, num_samples=num_samples)
 
@@ -123,7 +127,10 @@ def test_fast_path_matches_reference(residual, source, distance, attention):
 
 
 @pytest.mark.parametrize("source", MAP_SOURCES)
-@pytest.mark.parametrize("overrides", [{"use_uiapm": False}, {"use_ram": False}, {"use_fasm": False}, {"exclude_radius": 0}, {"score_mode": "topk_mean"}])
+@pytest.mark.parametrize(
+    "overrides",
+    [{"use_uiapm": False}, {"use_ram": False}, {"use_fasm": False}, {"exclude_radius": 0}, {"score_mode": "topk_mean"}],
+)
 def test_fast_path_matches_reference_ablations(overrides, source):
     if source == "perception" and overrides.get("use_uiapm") is False:
         pytest.skip("the perception map needs the perception module")
@@ -197,7 +204,9 @@ def test_fast_restoration_bf16(attention):
     probability = torch.rand(2, 1, 8, 8)
     with torch.inference_mode():
         expected = model.ram(features, probability).restoration.flatten(2).transpose(1, 2)
-        got = fast_restoration(model.ram, features.flatten(2).transpose(1, 2), (8, 8), probability, None, attention, torch.bfloat16)
+        got = fast_restoration(
+            model.ram, features.flatten(2).transpose(1, 2), (8, 8), probability, None, attention, torch.bfloat16
+        )
     assert got.dtype == torch.bfloat16
     rel = ((got.float() - expected).norm(dim=-1) / expected.norm(dim=-1)).max().item()
     assert rel < 2e-2, rel

@@ -44,7 +44,14 @@ from ura_monai.utils import (
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 QUIET = ["--no-progress", "-q"]
-SMALL = {"perception_hidden": 32, "latent_channels": 8, "num_samples": 2, "num_prototypes": 64, "embed_dim": 32, "num_heads": 2}
+SMALL = {
+    "perception_hidden": 32,
+    "latent_channels": 8,
+    "num_samples": 2,
+    "num_prototypes": 64,
+    "embed_dim": 32,
+    "num_heads": 2,
+}
 FIT = {"image_size": SIZE, "batch_size": 4, "seed": 0, "progress": False, "model_kwargs": SMALL}
 
 
@@ -78,7 +85,9 @@ def _png(path: Path, size: int = SIZE, rgb: bool = True, value: int | None = Non
 @pytest.fixture(scope="module")
 def mixed_dataset(tmp_path_factory) -> Path:
     """The demo dataset (RGB) with one training and one test image replaced by grey ones."""
-    root = make_demo_dataset(tmp_path_factory.mktemp("mixed"), n_train=8, n_test_good=2, n_test_defect=2, image_size=SIZE, seed=2)
+    root = make_demo_dataset(
+        tmp_path_factory.mktemp("mixed"), n_train=8, n_test_good=2, n_test_defect=2, image_size=SIZE, seed=2
+    )
     for folder in (root / "train" / "good", root / "test" / "good"):
         first = sorted(folder.glob("*.png"))[0]
         Image.open(first).convert("L").save(first)
@@ -178,7 +187,14 @@ def test_safe_names_and_formula_cells():
         assert name and "/" not in name and name not in (".", "..") and not name.startswith(".")
     assert safe_child(Path("/out"), "../../etc").parent == Path("/out")
     assert [escape_csv_cell(v) for v in ("=1+2", "+A1", "-cmd", "@SUM(A1)", "-0.5", "1e-3", -1.0, "ok")] == [
-        "'=1+2", "'+A1", "'-cmd", "'@SUM(A1)", "-0.5", "1e-3", -1.0, "ok"
+        "'=1+2",
+        "'+A1",
+        "'-cmd",
+        "'@SUM(A1)",
+        "-0.5",
+        "1e-3",
+        -1.0,
+        "ok",
     ]
 
 
@@ -186,8 +202,14 @@ def test_scores_csv_escapes_formula_file_names(trained, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _png(tmp_path / "=cmd.png")
     _png(tmp_path / "@sum.png", seed=1)
-    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", "=cmd.png", "--output", "out", *QUIET]) == 0
-    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", "@sum.png", "--output", "out2", *QUIET]) == 0
+    assert (
+        main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", "=cmd.png", "--output", "out", *QUIET])
+        == 0
+    )
+    assert (
+        main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", "@sum.png", "--output", "out2", *QUIET])
+        == 0
+    )
     assert [r["path"] for r in _read_csv(tmp_path / "out" / "scores.csv")] == ["'=cmd.png"]
     assert [r["path"] for r in _read_csv(tmp_path / "out2" / "scores.csv")] == ["'@sum.png"]
 
@@ -300,16 +322,23 @@ def test_predict_never_writes_into_the_inputs_folder_nor_mixes_runs(trained, tmp
     image = _png(tmp_path / "data" / "scan.png")
     user_csv = tmp_path / "data" / "scores.csv"
     user_csv.write_text("my own table\n")
-    assert main(["predict", "--checkpoint", ckpt, "--input", str(image), "--output", str(tmp_path / "data"), *QUIET]) == 2
+    assert (
+        main(["predict", "--checkpoint", ckpt, "--input", str(image), "--output", str(tmp_path / "data"), *QUIET]) == 2
+    )
     assert "folder of the input file" in capsys.readouterr().err
-    assert user_csv.read_text() == "my own table\n" and sorted(p.name for p in (tmp_path / "data").iterdir()) == ["scan.png", "scores.csv"]
+    assert user_csv.read_text() == "my own table\n" and sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "scan.png",
+        "scores.csv",
+    ]
 
     out = tmp_path / "out"
     assert main(["predict", "--checkpoint", ckpt, "--input", str(image), "--output", str(out), *QUIET]) == 0
     other = _png(tmp_path / "other" / "second.png", seed=3)
     assert main(["predict", "--checkpoint", ckpt, "--input", str(other), "--output", str(out), *QUIET]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
-    assert main(["predict", "--checkpoint", ckpt, "--input", str(other), "--output", str(out), "--overwrite", *QUIET]) == 0
+    assert (
+        main(["predict", "--checkpoint", ckpt, "--input", str(other), "--output", str(out), "--overwrite", *QUIET]) == 0
+    )
     # the table and the images describe the same (second) run
     assert [Path(r["path"]).name for r in _read_csv(out / "scores.csv")] == ["second.png"]
     assert sorted(p.name for p in out.glob("*_overlay.png")) == ["second_overlay.png"]
@@ -318,7 +347,10 @@ def test_predict_never_writes_into_the_inputs_folder_nor_mixes_runs(trained, tmp
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep")
-    assert main(["predict", "--checkpoint", ckpt, "--input", str(other), "--output", str(foreign), "--overwrite", *QUIET]) == 2
+    assert (
+        main(["predict", "--checkpoint", ckpt, "--input", str(other), "--output", str(foreign), "--overwrite", *QUIET])
+        == 2
+    )
     assert (foreign / "notes.txt").read_text() == "keep"
 
 
@@ -337,8 +369,20 @@ def test_two_runs_into_one_folder_and_the_demo_rule(tmp_path):
 
 
 def test_test_output_inside_the_test_split_is_refused(trained, capsys):
-    code = main(["test", "--checkpoint", str(trained["checkpoint"]), "--layout", "mvtec", "--root", str(trained["root"]),
-                 "--output", str(trained["root"] / "test" / "results"), *QUIET])
+    code = main(
+        [
+            "test",
+            "--checkpoint",
+            str(trained["checkpoint"]),
+            "--layout",
+            "mvtec",
+            "--root",
+            str(trained["root"]),
+            "--output",
+            str(trained["root"] / "test" / "results"),
+            *QUIET,
+        ]
+    )
     assert code == 2 and "inside the input folder" in capsys.readouterr().err
     assert not (trained["root"] / "test" / "results").exists()
 
@@ -350,14 +394,28 @@ def test_grey_image_among_rgb_trains_tests_and_warns(trained, tmp_path, caplog):
     checkpoint = read_checkpoint(trained["checkpoint"])
     assert checkpoint["extra"]["channels"] == 3
     with caplog.at_level(logging.WARNING):  # the CLI logs warnings as lines of the "py.warnings" logger
-        code = main(["test", "--checkpoint", str(trained["checkpoint"]), "--layout", "mvtec", "--root", str(trained["root"]),
-                     "--output", str(tmp_path / "t"), *QUIET])
+        code = main(
+            [
+                "test",
+                "--checkpoint",
+                str(trained["checkpoint"]),
+                "--layout",
+                "mvtec",
+                "--root",
+                str(trained["root"]),
+                "--output",
+                str(tmp_path / "t"),
+                *QUIET,
+            ]
+        )
     assert code == 0
     assert any("is a grey image; converted to RGB" in r.getMessage() for r in caplog.records)
     grey = _png(tmp_path / "in" / "grey.png", rgb=False)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ura_monai"):
-        rows = URANetPredictor(trained["checkpoint"], num_samples=0).predict_files([grey], tmp_path / "p", progress=False)
+        rows = URANetPredictor(trained["checkpoint"], num_samples=0).predict_files(
+            [grey], tmp_path / "p", progress=False
+        )
     assert rows[0]["error"] == "" and any("grey.png is a grey image" in r.getMessage() for r in caplog.records)
 
 
@@ -436,8 +494,18 @@ def test_fifo_input_never_blocks(trained, tmp_path):
     result: dict = {}
 
     def run():
-        result["code"] = main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", str(fifo),
-                               "--output", str(tmp_path / "out"), *QUIET])
+        result["code"] = main(
+            [
+                "predict",
+                "--checkpoint",
+                str(trained["checkpoint"]),
+                "--input",
+                str(fifo),
+                "--output",
+                str(tmp_path / "out"),
+                *QUIET,
+            ]
+        )
 
     worker = threading.Thread(target=run, daemon=True)
     worker.start()
@@ -454,7 +522,21 @@ def test_folder_predict_lists_special_files_with_error_rows(trained, tmp_path):
     _png(folder / "ok.png")
     os.mkfifo(folder / "pipe.png")
     (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
-    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", str(folder), "--output", str(tmp_path / "out"), *QUIET]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(trained["checkpoint"]),
+                "--input",
+                str(folder),
+                "--output",
+                str(tmp_path / "out"),
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     rows = {Path(r["path"]).name: r["error"] for r in _read_csv(tmp_path / "out" / "scores.csv")}
     assert rows["ok.png"] == "" and "FIFO" in rows["pipe.png"] and "dangling" in rows["dangling.png"]
 
@@ -479,7 +561,21 @@ def test_huge_image_and_memory_error_fail_only_their_file(trained, tmp_path, mon
         return real_forward(self, images)
 
     monkeypatch.setattr(URANetPredictor, "run_network", forward)
-    assert main(["predict", "--checkpoint", str(trained["checkpoint"]), "--input", str(folder), "--output", str(tmp_path / "out"), *QUIET]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(trained["checkpoint"]),
+                "--input",
+                str(folder),
+                "--output",
+                str(tmp_path / "out"),
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     rows = {Path(r["path"]).name: r for r in _read_csv(tmp_path / "out" / "scores.csv")}
     assert "megapixels" in rows["b_huge.png"]["error"] and "MemoryError" in rows["c_white.png"]["error"]
     assert rows["a_small.png"]["error"] == rows["d_small.png"]["error"] == "" and rows["d_small.png"]["score"] != ""
@@ -507,10 +603,22 @@ def test_bundle_errors_are_one_line(trained, tmp_path):
     (foreign / "notes.txt").write_text("keep")
     # (a missing dataset_dir: tests/test_bundle.py::test_bad_input_fails_at_initialize_naming_the_key)
     cases = [
-        ([*inference, "--input_dir", str(images), "--ckpt_path", str(garbage), "--output_dir", str(tmp_path / "o")],
-         f"ValueError: {garbage} is not a readable URA-Net checkpoint"),
-        ([*inference, "--input_dir", str(images), "--ckpt_path", str(trained["checkpoint"]), "--output_dir", str(foreign)],
-         "is not empty and holds no ura-monai run"),
+        (
+            [*inference, "--input_dir", str(images), "--ckpt_path", str(garbage), "--output_dir", str(tmp_path / "o")],
+            f"ValueError: {garbage} is not a readable URA-Net checkpoint",
+        ),
+        (
+            [
+                *inference,
+                "--input_dir",
+                str(images),
+                "--ckpt_path",
+                str(trained["checkpoint"]),
+                "--output_dir",
+                str(foreign),
+            ],
+            "is not empty and holds no ura-monai run",
+        ),
     ]
     processes = [(_bundle(*args), cause) for args, cause in cases]  # side by side: each pays MONAI's import time
     for process, cause in processes:

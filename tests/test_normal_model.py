@@ -72,8 +72,17 @@ def test_positional_gaussian_before_fit_one_sample_and_wrong_grids():
 
 
 def _small(source: str, **kw) -> URANet:
-    return URANet(image_size=64, pretrained=False, num_prototypes=16, perception_hidden=16, latent_channels=4, embed_dim=16,
-                  num_heads=2, anomaly_map_source=source, **kw).eval()
+    return URANet(
+        image_size=64,
+        pretrained=False,
+        num_prototypes=16,
+        perception_hidden=16,
+        latent_channels=4,
+        embed_dim=16,
+        num_heads=2,
+        anomaly_map_source=source,
+        **kw,
+    ).eval()
 
 
 def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
@@ -90,9 +99,10 @@ def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
     # the fused grid map is the weighted sum of both standardized distances
     grid = model.normal_model_map(features[:2])
     weight = model.fusion_weight
-    expected = weight * (model.ram.prototype_distance(features[:2]) - calibration[0]) / calibration[1] + (1 - weight) * (
-        model.position_model(features[:2]) - calibration[2]
-    ) / calibration[3]
+    expected = (
+        weight * (model.ram.prototype_distance(features[:2]) - calibration[0]) / calibration[1]
+        + (1 - weight) * (model.position_model(features[:2]) - calibration[2]) / calibration[3]
+    )
     assert torch.allclose(grid, expected, atol=1e-5)
 
 
@@ -105,8 +115,11 @@ def test_map_source_names_and_switches():
 
 def test_checkpoints_written_before_the_position_model_load_without_it():
     model = _small("memory", position_model=False)
-    legacy = {"format": "ura_monai.uranet/1", "config": {k: v for k, v in model.config.items() if k not in ("position_model", "position_dim")},
-              "state_dict": model.trainable_state_dict()}
+    legacy = {
+        "format": "ura_monai.uranet/1",
+        "config": {k: v for k, v in model.config.items() if k not in ("position_model", "position_dim")},
+        "state_dict": model.trainable_state_dict(),
+    }
     config = read_checkpoint(legacy)["config"]
     assert config["position_model"] is False
     rebuilt = URANet(**config)

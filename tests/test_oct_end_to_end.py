@@ -21,7 +21,24 @@ def test_oct2017_fit_test_predict(shared_data, tmp_path):
     model_dir, test_dir, pred_dir = tmp_path / "model", tmp_path / "test", tmp_path / "pred"
 
     common = ["--layout", "oct2017", "--root", str(root), "--num-train-normal", "6"]
-    assert main(["fit", *common, "--image-size", "64", "--epochs", "1", "--augment", "hflip", "--output", str(model_dir), *QUIET]) == 0
+    assert (
+        main(
+            [
+                "fit",
+                *common,
+                "--image-size",
+                "64",
+                "--epochs",
+                "1",
+                "--augment",
+                "hflip",
+                "--output",
+                str(model_dir),
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     assert main(["test", "--checkpoint", str(model_dir / "model.pt"), *common, "--output", str(test_dir), *QUIET]) == 0
     metrics = json.loads((test_dir / "metrics.json").read_text())
     assert metrics["test_images"] == 4 + 8 + 10 + 10  # 4 NORMAL left after 6 for training, all abnormal classes
@@ -33,7 +50,21 @@ def test_oct2017_fit_test_predict(shared_data, tmp_path):
     inputs.mkdir()
     for scan in scans:
         (inputs / scan.name).write_bytes(scan.read_bytes())
-    assert main(["predict", "--checkpoint", str(model_dir / "model.pt"), "--input", str(inputs), "--output", str(pred_dir), *QUIET]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                "--checkpoint",
+                str(model_dir / "model.pt"),
+                "--input",
+                str(inputs),
+                "--output",
+                str(pred_dir),
+                *QUIET,
+            ]
+        )
+        == 0
+    )
     rows = list(csv.DictReader(open(pred_dir / "scores.csv", newline="")))
     assert len(rows) == 3 and all(not r["error"] for r in rows)
     for scan in scans:

@@ -84,7 +84,9 @@ def test_smooth_reuses_the_network_generator():
     from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator
 
     x = torch.rand(1, 1, 48, 48)
-    np.testing.assert_allclose(SmoothAnomalyMap(4.0)(x).numpy(), AnomalyMapGenerator(4.0)(x, (48, 48)).numpy(), atol=1e-7)
+    np.testing.assert_allclose(
+        SmoothAnomalyMap(4.0)(x).numpy(), AnomalyMapGenerator(4.0)(x, (48, 48)).numpy(), atol=1e-7
+    )
 
 
 # --------------------------------------------------------------------------- normalization and threshold
@@ -197,7 +199,9 @@ def test_overlay_mask_contour_and_dict():
     assert not np.array_equal(out[25, 30], [0, 255, 0])  # far away untouched
 
     data = {"image": torch.from_numpy(image), "anomaly_map": torch.from_numpy(amap), "pred_mask": mask}
-    d = RenderHeatmapOverlayd("image", "anomaly_map", "overlay", alpha=0.5, mask_key="pred_mask", contour_color=(0, 255, 0))(data)
+    d = RenderHeatmapOverlayd(
+        "image", "anomaly_map", "overlay", alpha=0.5, mask_key="pred_mask", contour_color=(0, 255, 0)
+    )(data)
     np.testing.assert_array_equal(d["overlay"], out)
     d = RenderHeatmapOverlayd("image", "anomaly_map", "overlay", alpha=0.3, vmin=0.0, vmax=10.0)(data)
     np.testing.assert_array_equal(d["overlay"], RenderHeatmapOverlay(0.3, vmin=0.0, vmax=10.0)(image, amap))
@@ -300,7 +304,13 @@ def test_roc_curve_png(tmp_path):
 def test_map_figure_png(tmp_path):
     image, amap = _image_and_map()
     path = save_map_figure(
-        tmp_path / "fig.png", torch.from_numpy(image), amap, np.full((1, 32, 48), 0.3), score=5.0, threshold=1.0, image_threshold=2.0
+        tmp_path / "fig.png",
+        torch.from_numpy(image),
+        amap,
+        np.full((1, 32, 48), 0.3),
+        score=5.0,
+        threshold=1.0,
+        image_threshold=2.0,
     )
     with Image.open(path) as img:
         assert img.format == "PNG" and img.size[0] > img.size[1]  # a wide 1x3 panel

@@ -48,7 +48,9 @@ def brick_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
     for _ in range(count):
         top, left = torch.randint(0, brick.shape[0] - 2 * size + 1, (2,), generator=generator).tolist()
         crops.append(brick[top : top + 2 * size, left : left + 2 * size])
-    images = F.interpolate(torch.stack(crops).unsqueeze(1), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    images = F.interpolate(
+        torch.stack(crops).unsqueeze(1), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
     return images.expand(-1, 3, -1, -1).contiguous()
 
 
@@ -320,7 +322,9 @@ def test_bayesian_conv_sampling_moments():
 
 def small_ram(seed: int = 0, channels: int = 16, exclude_radius: int = 1) -> RestorationAttention:
     torch.manual_seed(seed)
-    return RestorationAttention(channels, num_prototypes=8, embed_dim=16, num_heads=2, exclude_radius=exclude_radius).eval()
+    return RestorationAttention(
+        channels, num_prototypes=8, embed_dim=16, num_heads=2, exclude_radius=exclude_radius
+    ).eval()
 
 
 def test_ram_restoration_is_a_convex_combination():
@@ -416,7 +420,13 @@ def test_ram_attention_modes_agree_with_the_reference(mode, distance, exclude_ra
     """The module's inference attention modes give the reference maths (restoration and restored), with and
     without perception, on a non-square grid; the mode is a switch of the module, not of its weights."""
     torch.manual_seed(0)
-    kwargs = {"num_prototypes": 8, "embed_dim": 16, "num_heads": 2, "exclude_radius": exclude_radius, "distance_attention": distance}
+    kwargs = {
+        "num_prototypes": 8,
+        "embed_dim": 16,
+        "num_heads": 2,
+        "exclude_radius": exclude_radius,
+        "distance_attention": distance,
+    }
     reference = RestorationAttention(16, **kwargs).eval()
     with torch.no_grad():
         reference.log_temperature.fill_(-1.0)
@@ -428,7 +438,11 @@ def test_ram_attention_modes_agree_with_the_reference(mode, distance, exclude_ra
         for p, u in ((None, None), (probability, None), (probability, uncertainty)):
             expected, got = reference(features, p, u), fast(features, p, u)
             for name in ("restoration", "restored"):
-                assert torch.allclose(getattr(got, name), getattr(expected, name), atol=1e-5), (name, p is None, u is None)
+                assert torch.allclose(getattr(got, name), getattr(expected, name), atol=1e-5), (
+                    name,
+                    p is None,
+                    u is None,
+                )
             # the token entry point, with the mode passed per call, and small blocks of queries
             tokens = features.flatten(2).transpose(1, 2)
             blocked = reference.restore_tokens(tokens, (5, 7), p, u, attention=mode, block_elements=2 * 8 * 43)
@@ -499,8 +513,13 @@ def test_ablations_train_and_infer(switches):
     before = [p.detach().clone() for p in trainable]
     optimizer = torch.optim.Adam(trainable, lr=1e-3)
     trainer = URANetTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=loader, network=model, optimizer=optimizer,
-        loss_function=URANetLoss(model.level_channels), generator=torch.Generator().manual_seed(0),
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=loader,
+        network=model,
+        optimizer=optimizer,
+        loss_function=URANetLoss(model.level_channels),
+        generator=torch.Generator().manual_seed(0),
     )
     trainer.run()
     output = trainer.state.output
@@ -623,7 +642,11 @@ def test_first_format_checkpoints_still_load(tmp_path):
     wrapper = URANetExport(URANet(image_size=64, **SMALL), num_samples=0)
     wrapper.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
     assert torch.equal(wrapper.network.ram.prototypes, model.ram.prototypes)
-    assert float(wrapper.image_threshold) == 0.5 and float(wrapper.pixel_max) == 2.0 and math.isnan(float(wrapper.image_min))
+    assert (
+        float(wrapper.image_threshold) == 0.5
+        and float(wrapper.pixel_max) == 2.0
+        and math.isnan(float(wrapper.image_min))
+    )
     # re-saved in the current format, the same model and statistics
     save_checkpoint(tmp_path / "new.pt", loaded, checkpoint["postprocessing"], checkpoint["extra"])
     again = read_checkpoint(tmp_path / "new.pt")
@@ -635,7 +658,9 @@ def test_first_format_checkpoints_still_load(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_demo(tmp_path_factory):
-    root = make_demo_dataset(tmp_path_factory.mktemp("demo64"), n_train=10, n_test_good=2, n_test_defect=3, image_size=64, seed=1)
+    root = make_demo_dataset(
+        tmp_path_factory.mktemp("demo64"), n_train=10, n_test_good=2, n_test_defect=3, image_size=64, seed=1
+    )
     return mvtec_datalist(root, None, "train"), mvtec_datalist(root, None, "test")
 
 

@@ -59,7 +59,7 @@ def _write_studies(folder: Path) -> dict:
 
         # a grey volume (x, y, z) in CT-like units, each slice a crop of a demo picture
         slices = []
-        for source in normals[:VOLUME_SHAPE[2]]:
+        for source in normals[: VOLUME_SHAPE[2]]:
             grey = np.asarray(Image.open(source).convert("L"), dtype=np.float32)
             slices.append(grey[: VOLUME_SHAPE[1], : VOLUME_SHAPE[0]].T * 4.0 - 200.0)  # (x, y)
         volume = np.stack(slices, axis=-1).astype(np.int16)

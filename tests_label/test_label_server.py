@@ -63,22 +63,41 @@ def server(tmp_path_factory, studies, pretrained_checkpoint):
             "MONAI_LABEL_SESSION_PATH": str(tmp_path_factory.mktemp("sessions")),
             "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
             "MONAI_LABEL_TRACKING_ENABLED": "false",
-            **{name: CLOSED_PORT_PROXY for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")},
+            **{
+                name: CLOSED_PORT_PROXY
+                for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "ALL_PROXY", "all_proxy")
+            },
             "NO_PROXY": "",
             "no_proxy": "",
         }
     )
     command = [
-        sys.executable, "-m", "monailabel.main", "start_server",
-        "--app", str(app_dir), "--studies", str(folder),
-        "--conf", "models", "ura_net", "--conf", "checkpoint", str(pretrained_checkpoint),
-        "--host", "127.0.0.1", "--port", str(port),
+        sys.executable,
+        "-m",
+        "monailabel.main",
+        "start_server",
+        "--app",
+        str(app_dir),
+        "--studies",
+        str(folder),
+        "--conf",
+        "models",
+        "ura_net",
+        "--conf",
+        "checkpoint",
+        str(pretrained_checkpoint),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
     ]
     session = requests.Session()
     session.trust_env = False  # talk to 127.0.0.1 directly, whatever proxies this environment sets
     with open(log_path, "wb") as log:
         # the server runs in the test's tmp folder: MONAI Label writes .env / logs relative to it
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(app_dir.parent), start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(app_dir.parent), start_new_session=True
+        )
         try:
             base = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + START_TIMEOUT_S
@@ -95,7 +114,9 @@ def server(tmp_path_factory, studies, pretrained_checkpoint):
                     pass
                 time.sleep(1.0)
             if described is None:
-                pytest.fail(f"server did not answer /info/ within {START_TIMEOUT_S}s (exit code {process.poll()}):\n{log_path.read_text(errors='replace')[-6000:]}")
+                pytest.fail(
+                    f"server did not answer /info/ within {START_TIMEOUT_S}s (exit code {process.poll()}):\n{log_path.read_text(errors='replace')[-6000:]}"
+                )
             yield {"base": base, "session": session, "info": described, "studies": info, "log": log_path}
         finally:
             _stop(process)
@@ -131,7 +152,9 @@ def test_server_info_and_infer_on_loopback(server):
     assert mask.shape == (height, width) and set(np.unique(mask)) <= {0, 1}
 
     # params only, and a volume
-    reply = session.post(f"{base}/infer/ura_net", params={"image": info["volume"], "output": "json"}, timeout=REQUEST_TIMEOUT_S)
+    reply = session.post(
+        f"{base}/infer/ura_net", params={"image": info["volume"], "output": "json"}, timeout=REQUEST_TIMEOUT_S
+    )
     assert reply.status_code == 200, reply.text[:2000]
     volume_params = reply.json()
     assert volume_params["dimension"] == 3 and len(volume_params["slice_scores"]) == 5

@@ -34,8 +34,10 @@ logger = logging.getLogger("ura_monai")
 PROG = "ura-monai"
 MAP_FIGURES = 8  # figures written by `test`: the most anomalous images and a few normal ones
 MAP_FIGURES_NORMAL = 3
-OVERWRITE_HELP = ("replace the previous ura-monai run in OUTPUT (without it a non-empty OUTPUT is refused; "
-                  "a folder ura-monai did not write is never replaced)")
+OVERWRITE_HELP = (
+    "replace the previous ura-monai run in OUTPUT (without it a non-empty OUTPUT is refused; "
+    "a folder ura-monai did not write is never replaced)"
+)
 
 
 class CLIError(Exception):
@@ -99,57 +101,107 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     """``ura-monai fit``: train on normal images."""
-    p = sub.add_parser("fit", parents=[common], help="train on normal images and write model.pt with thresholds",
-                       description="Train URA-Net on the normal training images of a dataset; thresholds come from held-out normal images.")
+    p = sub.add_parser(
+        "fit",
+        parents=[common],
+        help="train on normal images and write model.pt with thresholds",
+        description="Train URA-Net on the normal training images of a dataset; thresholds come from held-out normal images.",
+    )
     _add_data_arguments(p)
-    p.add_argument("--image-size", type=_image_size, default=256, help="square input size, a multiple of 32 (default 256)")
+    p.add_argument(
+        "--image-size", type=_image_size, default=256, help="square input size, a multiple of 32 (default 256)"
+    )
     p.add_argument("--epochs", type=_positive_int, default=20, help="training epochs (default 20)")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
-    p.add_argument("--backbone", choices=Backbone.choices(), default="efficientnet_lite0", help="frozen feature extractor (default efficientnet_lite0, offline)")
-    p.add_argument("--backbone-weights", metavar="FILE", help="local state-dict file of the backbone's ImageNet weights")
-    p.add_argument("--augment", choices=AugmentView.choices(), default="none", help="training views: none, hflip, or dihedral (flips and rotations)")
+    p.add_argument(
+        "--backbone",
+        choices=Backbone.choices(),
+        default="efficientnet_lite0",
+        help="frozen feature extractor (default efficientnet_lite0, offline)",
+    )
+    p.add_argument(
+        "--backbone-weights", metavar="FILE", help="local state-dict file of the backbone's ImageNet weights"
+    )
+    p.add_argument(
+        "--augment",
+        choices=AugmentView.choices(),
+        default="none",
+        help="training views: none, hflip, or dihedral (flips and rotations)",
+    )
     p.add_argument("--no-fasm", action="store_true", help="ablation: no feature-level anomaly synthesis")
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
-    p.add_argument("--score-mode", choices=ScoreMode.choices(), default="max", help="image score from the anomaly map (default max)")
-    p.add_argument("--map-source", choices=MapSource.choices(), default="fused",
-                   help="anomaly map: the calibrated sum (fused, default) of the distance to the nearest normal prototype "
-                        "(memory: fastest) and to the normal Gaussian at the same position (position: aligned parts), or the RAM's "
-                        "attention restoration (restoration: about 3x slower on CPU); see docs/benchmarks.md")
+    p.add_argument(
+        "--score-mode",
+        choices=ScoreMode.choices(),
+        default="max",
+        help="image score from the anomaly map (default max)",
+    )
+    p.add_argument(
+        "--map-source",
+        choices=MapSource.choices(),
+        default="fused",
+        help="anomaly map: the calibrated sum (fused, default) of the distance to the nearest normal prototype "
+        "(memory: fastest) and to the normal Gaussian at the same position (position: aligned parts), or the RAM's "
+        "attention restoration (restoration: about 3x slower on CPU); see docs/benchmarks.md",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the fit run in OUTPUT from its last complete epoch (same settings required)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the fit run in OUTPUT from its last complete epoch (same settings required)",
+    )
     p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding workers (default 0)")
-    p.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for model.pt, train_state/ and runs/")
+    p.add_argument(
+        "--output", required=True, metavar="DIR", help="new or empty folder for model.pt, train_state/ and runs/"
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_fit)
 
 
 def _add_test_command(sub: Any, common: argparse.ArgumentParser) -> None:
     """``ura-monai test``: evaluate a checkpoint on a labelled test split."""
-    p = sub.add_parser("test", parents=[common], help="evaluate a checkpoint on a labelled test split",
-                       description="Evaluate a checkpoint: writes metrics.json, per_image.csv, roc_curve.png and maps/*.png.")
+    p = sub.add_parser(
+        "test",
+        parents=[common],
+        help="evaluate a checkpoint on a labelled test split",
+        description="Evaluate a checkpoint: writes metrics.json, per_image.csv, roc_curve.png and maps/*.png.",
+    )
     p.add_argument("--checkpoint", required=True, metavar="FILE", help="model.pt written by 'ura-monai fit'")
     _add_data_arguments(p)
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding workers (default 0)")
-    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty map: metrics.json's uncertainty_error_auroc and the "
-                        "figures' uncertainty panel (default: the checkpoint's; 0: none, the metric is then NaN)")
-    p.add_argument("--output", required=True, metavar="DIR", help="new or empty folder for the metrics and figures (not inside ROOT)")
+    p.add_argument(
+        "--uncertainty-samples",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="perception passes for the uncertainty map: metrics.json's uncertainty_error_auroc and the "
+        "figures' uncertainty panel (default: the checkpoint's; 0: none, the metric is then NaN)",
+    )
+    p.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR",
+        help="new or empty folder for the metrics and figures (not inside ROOT)",
+    )
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.set_defaults(func=_cmd_test)
 
 
 def _add_predict_command(sub: Any, common: argparse.ArgumentParser) -> None:
     """``ura-monai predict``: maps and scores for image files."""
-    p = sub.add_parser("predict", parents=[common], help="anomaly maps and scores for image files",
-                       description="Predict image files (a file, or a folder searched recursively). Per image: "
-                       "<stem>_overlay.png, <stem>_anomaly_map.npy, <stem>_uncertainty.npy, <stem>_uncertainty.png; "
-                       "and scores.csv for the run. Unreadable files get an error row and are skipped.")
+    p = sub.add_parser(
+        "predict",
+        parents=[common],
+        help="anomaly maps and scores for image files",
+        description="Predict image files (a file, or a folder searched recursively). Per image: "
+        "<stem>_overlay.png, <stem>_anomaly_map.npy, <stem>_uncertainty.npy, <stem>_uncertainty.png; "
+        "and scores.csv for the run. Unreadable files get an error row and are skipped.",
+    )
     _add_prediction_paths(p, "FILE_OR_DIR", "an image file or a folder of images", "not an input folder")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
     _add_uncertainty_samples(p)
@@ -158,29 +210,54 @@ def _add_predict_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 def _add_predict_dicom_command(sub: Any, common: argparse.ArgumentParser) -> None:
     """``ura-monai predict-dicom``: maps and scores for every series of a DICOM folder."""
-    p = sub.add_parser("predict-dicom", parents=[common], help="anomaly maps and scores for every series of a DICOM folder",
-                       description="Scan a DICOM folder tree (headers only), run URA-Net slice by slice on every image "
-                       "series and write, per series under OUTPUT/<series UID>/: NIfTI anomaly and uncertainty maps "
-                       "with the source geometry, a DICOM Parametric Map and SEG referencing the source (with the "
-                       "dicom extra), report.json; and OUTPUT/results.csv with one row per series and skipped file.")
+    p = sub.add_parser(
+        "predict-dicom",
+        parents=[common],
+        help="anomaly maps and scores for every series of a DICOM folder",
+        description="Scan a DICOM folder tree (headers only), run URA-Net slice by slice on every image "
+        "series and write, per series under OUTPUT/<series UID>/: NIfTI anomaly and uncertainty maps "
+        "with the source geometry, a DICOM Parametric Map and SEG referencing the source (with the "
+        "dicom extra), report.json; and OUTPUT/results.csv with one row per series and skipped file.",
+    )
     _add_prediction_paths(p, "DIR", "DICOM folder (searched recursively)", "not inside the input folder")
     p.add_argument("--batch-size", type=_positive_int, default=16, help="slices per batch (default 16)")
-    p.add_argument("--axis", type=int, choices=(0, 1, 2), default=0, help="slicing axis of the volume (default 0: the acquired slices / B-scans)")
-    p.add_argument("--aggregation", choices=VolumeAggregation.choices(), default="max", help="volume score from slice scores (default max)")
+    p.add_argument(
+        "--axis",
+        type=int,
+        choices=(0, 1, 2),
+        default=0,
+        help="slicing axis of the volume (default 0: the acquired slices / B-scans)",
+    )
+    p.add_argument(
+        "--aggregation",
+        choices=VolumeAggregation.choices(),
+        default="max",
+        help="volume score from slice scores (default max)",
+    )
     p.add_argument("--top-k", type=_positive_int, default=5, help="most anomalous slices listed per series (default 5)")
-    p.add_argument("--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)")
+    p.add_argument(
+        "--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)"
+    )
     _add_uncertainty_samples(p)
     p.set_defaults(func=_cmd_predict_dicom)
 
 
 def _add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
     """``ura-monai demo``: synthetic data, fit, test and predict."""
-    p = sub.add_parser("demo", parents=[common], help="synthetic dataset -> fit -> test -> predict, in about a minute",
-                       description="End-to-end example: writes a small synthetic MVTec-like dataset to OUTPUT/data, trains "
-                       "(OUTPUT/model), evaluates (OUTPUT/test) and predicts the test images (OUTPUT/predictions). "
-                       "A rerun replaces the previous demo in OUTPUT.")
-    p.add_argument("--output", default="ura_monai_demo", metavar="DIR",
-                   help="new, empty or earlier demo output folder (default ./ura_monai_demo)")
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="synthetic dataset -> fit -> test -> predict, in about a minute",
+        description="End-to-end example: writes a small synthetic MVTec-like dataset to OUTPUT/data, trains "
+        "(OUTPUT/model), evaluates (OUTPUT/test) and predicts the test images (OUTPUT/predictions). "
+        "A rerun replaces the previous demo in OUTPUT.",
+    )
+    p.add_argument(
+        "--output",
+        default="ura_monai_demo",
+        metavar="DIR",
+        help="new, empty or earlier demo output folder (default ./ura_monai_demo)",
+    )
     p.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
     p.add_argument("--image-size", type=_image_size, default=128, help="image and model size (default 128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
@@ -198,16 +275,25 @@ def _add_prediction_paths(p: argparse.ArgumentParser, input_metavar: str, input_
 
 
 def _add_uncertainty_samples(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--uncertainty-samples", type=_non_negative_int, default=None, metavar="N",
-                   help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)")
+    p.add_argument(
+        "--uncertainty-samples",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help="perception passes for the uncertainty map (default: the checkpoint's; 0: none, fastest)",
+    )
 
 
 def _add_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layout", required=True, choices=Layout.choices(), help="dataset folder layout")
     p.add_argument("--root", required=True, metavar="DIR", help="dataset root folder")
     p.add_argument("--category", metavar="NAME", help="category / product sub-folder of ROOT (mvtec, btad, folder)")
-    p.add_argument("--num-train-normal", type=_positive_int, metavar="N",
-                   help="oct2017 only: NORMAL images used for training (flat root: the rest are tested)")
+    p.add_argument(
+        "--num-train-normal",
+        type=_positive_int,
+        metavar="N",
+        help="oct2017 only: NORMAL images used for training (flat root: the rest are tested)",
+    )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -267,17 +353,39 @@ def _safe_name(text: str) -> str:
 # --------------------------------------------------------------------------- shared steps
 
 
-def _evaluate(predictor: Any, items: list[dict[str, Any]], output_dir: Path, batch_size: int, device: Any,
-              num_workers: int, progress: bool) -> dict[str, Any]:
+def _evaluate(
+    predictor: Any,
+    items: list[dict[str, Any]],
+    output_dir: Path,
+    batch_size: int,
+    device: Any,
+    num_workers: int,
+    progress: bool,
+) -> dict[str, Any]:
     """``workflow.test`` with the predictor's model, plus map figures of up to ``MAP_FIGURES`` test images."""
     from ura_monai.engines.workflow import test
 
-    result = test(predictor.model, items, output_dir, batch_size=batch_size, device=device, num_workers=num_workers,
-                  num_samples=predictor.num_samples, progress=progress, image_size=predictor.image_size,
-                  image_threshold=predictor.image_threshold, channels=predictor.channels)
+    result = test(
+        predictor.model,
+        items,
+        output_dir,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        num_samples=predictor.num_samples,
+        progress=progress,
+        image_size=predictor.image_size,
+        image_threshold=predictor.image_threshold,
+        channels=predictor.channels,
+    )
     per_image = result.pop("per_image")
     figures = _save_map_figures(predictor, per_image, output_dir / "maps")
-    logger.info("wrote %s, per_image.csv, roc_curve.png and %d map figures under %s", output_dir / "metrics.json", len(figures), output_dir)
+    logger.info(
+        "wrote %s, per_image.csv, roc_curve.png and %d map figures under %s",
+        output_dir / "metrics.json",
+        len(figures),
+        output_dir,
+    )
     return result
 
 
@@ -307,9 +415,15 @@ def _save_map_figures(predictor: Any, per_image: list[dict[str, Any]], maps_dir:
         name = f"{rank:02d}_{kind}_{_safe_name(str(item.get('defect_type') or ''))}_{_safe_name(Path(item['image_path']).stem)}.png"
         paths.append(
             save_map_figure(
-                maps_dir / name, image, out["anomaly_map"][rank], out["uncertainty_map"][rank], float(out["pred_score"][rank]),
-                threshold=predictor.pixel_threshold, image_threshold=predictor.image_threshold,
-                vmin=predictor.pixel_min, vmax=predictor.pixel_max,
+                maps_dir / name,
+                image,
+                out["anomaly_map"][rank],
+                out["uncertainty_map"][rank],
+                float(out["pred_score"][rank]),
+                threshold=predictor.pixel_threshold,
+                image_threshold=predictor.image_threshold,
+                vmin=predictor.pixel_min,
+                vmax=predictor.pixel_max,
             )
         )
     return paths
@@ -349,11 +463,23 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     items = _datalist(args, "train")
     claim_output_dir(args.output, "fit", overwrite=args.overwrite, inputs=[args.root], resume=args.resume)
     result = fit(
-        items, args.output, image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size,
-        augment=args.augment, seed=args.seed, device=device, num_workers=args.num_workers,
-        tensorboard=args.tensorboard, resume=args.resume, progress=not args.no_progress, model_kwargs=model_kwargs,
+        items,
+        args.output,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        augment=args.augment,
+        seed=args.seed,
+        device=device,
+        num_workers=args.num_workers,
+        tensorboard=args.tensorboard,
+        resume=args.resume,
+        progress=not args.no_progress,
+        model_kwargs=model_kwargs,
     )
-    summary = {k: result[k] for k in ("checkpoint", "postprocessing", "fit_seconds", "train_seconds", "losses") if k in result}
+    summary = {
+        k: result[k] for k in ("checkpoint", "postprocessing", "fit_seconds", "train_seconds", "losses") if k in result
+    }
     print(json.dumps(_json_safe(summary), indent=2))
     return 0
 
@@ -363,11 +489,15 @@ def _cmd_test(args: argparse.Namespace) -> int:
     from ura_monai.utils.paths import claim_output_dir
 
     device = _device(args.device)
-    predictor = URANetPredictor(args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size)
+    predictor = URANetPredictor(
+        args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size
+    )
     items = _datalist(args, "test")
     # not inside the dataset: the next run would score its own figures as test images
     claim_output_dir(args.output, "test", overwrite=args.overwrite, inputs=[args.root])
-    metrics = _evaluate(predictor, items, Path(args.output), args.batch_size, device, args.num_workers, not args.no_progress)
+    metrics = _evaluate(
+        predictor, items, Path(args.output), args.batch_size, device, args.num_workers, not args.no_progress
+    )
     print(json.dumps(_json_safe(metrics), indent=2))
     return 0
 
@@ -395,9 +525,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         input_root: Path | None = source
     else:
         files, input_root = [source], None
-    predictor = URANetPredictor(args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size)
+    predictor = URANetPredictor(
+        args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size
+    )
     logger.info("predicting %d file(s) from %s into %s", len(files), source, output)
-    rows = predictor.predict_files(files, output, input_root=input_root, progress=not args.no_progress, overwrite=args.overwrite)
+    rows = predictor.predict_files(
+        files, output, input_root=input_root, progress=not args.no_progress, overwrite=args.overwrite
+    )
     predicted, anomalous, failed = _summarize_predictions(rows)
     csv_path = output / SCORES_CSV_NAME
     if predicted == 0:
@@ -413,15 +547,26 @@ def _cmd_predict_dicom(args: argparse.Namespace) -> int:
     source = Path(args.input).expanduser()
     if not source.is_dir():
         raise CLIError(f"DICOM input folder not found: {source}")
-    predictor = URANetPredictor(args.checkpoint, _device(args.device), num_samples=args.uncertainty_samples, batch_size=args.batch_size)
+    predictor = URANetPredictor(
+        args.checkpoint, _device(args.device), num_samples=args.uncertainty_samples, batch_size=args.batch_size
+    )
     rows = predict_dicom_folder(
-        source, Path(args.output).expanduser(), predictor, axis=args.axis, batch_size=args.batch_size,
-        volume_aggregation=args.aggregation, top_k=args.top_k, write_dicom=not args.no_dicom_output,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        source,
+        Path(args.output).expanduser(),
+        predictor,
+        axis=args.axis,
+        batch_size=args.batch_size,
+        volume_aggregation=args.aggregation,
+        top_k=args.top_k,
+        write_dicom=not args.no_dicom_output,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     series = [r for r in rows if r.get("status") == "ok"]
-    print(f"{len(series)} series analysed, {len(rows) - len(series)} other row(s) (errors, skipped files); "
-          f"results: {Path(args.output) / 'results.csv'}")
+    print(
+        f"{len(series)} series analysed, {len(rows) - len(series)} other row(s) (errors, skipped files); "
+        f"results: {Path(args.output) / 'results.csv'}"
+    )
     return 0 if series else 2
 
 
@@ -445,13 +590,25 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     train_items = build_datalist("mvtec", category_dir, None, "train")
     test_items = build_datalist("mvtec", category_dir, None, "test")
 
-    fitted = fit(train_items, output / "model", image_size=args.image_size, epochs=args.epochs, batch_size=8,
-                 seed=args.seed, device=device, progress=progress)
+    fitted = fit(
+        train_items,
+        output / "model",
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=8,
+        seed=args.seed,
+        device=device,
+        progress=progress,
+    )
     predictor = URANetPredictor(fitted["checkpoint"], device, batch_size=8)
     metrics = _evaluate(predictor, test_items, output / "test", 8, device, 0, progress)
     # the test folder as input root names the outputs "<defect>_<file>" (e.g. blob_000_overlay.png)
-    rows = predictor.predict_files([item["image"] for item in test_items], output / "predictions",
-                                   input_root=category_dir / "test", progress=progress)
+    rows = predictor.predict_files(
+        [item["image"] for item in test_items],
+        output / "predictions",
+        input_root=category_dir / "test",
+        progress=progress,
+    )
     predicted, anomalous, failed = _summarize_predictions(rows)
 
     def fmt(key: str) -> str:
@@ -459,13 +616,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return "n/a" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
     true_anomalies = sum(int(item["label"]) for item in test_items)
-    print(f"URA-Net demo ({args.image_size}x{args.image_size}, {args.epochs} epochs) finished in {time.perf_counter() - start:.1f} s")
+    print(
+        f"URA-Net demo ({args.image_size}x{args.image_size}, {args.epochs} epochs) finished in {time.perf_counter() - start:.1f} s"
+    )
     print(f"  dataset:     {category_dir} ({len(train_items)} normal training images, {len(test_items)} test images)")
     print(f"  checkpoint:  {fitted['checkpoint']}")
-    print(f"  test:        image AUROC {fmt('image_auroc')} | pixel AUROC {fmt('pixel_auroc')} | AUPRO {fmt('aupro')} "
-          f"| F1-max {fmt('f1_max')}  ({output / 'test' / 'metrics.json'}, figures in {output / 'test' / 'maps'})")
-    print(f"  predictions: {predicted} images, {anomalous} flagged anomalous ({true_anomalies} truly anomalous), "
-          f"{failed} errors  ({output / 'predictions' / SCORES_CSV_NAME}, overlays beside it)")
+    print(
+        f"  test:        image AUROC {fmt('image_auroc')} | pixel AUROC {fmt('pixel_auroc')} | AUPRO {fmt('aupro')} "
+        f"| F1-max {fmt('f1_max')}  ({output / 'test' / 'metrics.json'}, figures in {output / 'test' / 'maps'})"
+    )
+    print(
+        f"  predictions: {predicted} images, {anomalous} flagged anomalous ({true_anomalies} truly anomalous), "
+        f"{failed} errors  ({output / 'predictions' / SCORES_CSV_NAME}, overlays beside it)"
+    )
     return 0
 
 
@@ -481,7 +644,9 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     logging.getLogger("ignite").setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def _log_warning(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+def _log_warning(
+    message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
     # a warning as one log line (no source file / line noise for command-line users)
     logging.getLogger("py.warnings").warning("%s: %s", category.__name__, message)
 
@@ -531,5 +696,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if isinstance(cause, (CLIError, OSError, ValueError, ImportError)):
                 print(f"{PROG}: error: {_one_line(cause)}", file=sys.stderr)
                 return 2
-            print(f"{PROG}: error: {type(cause).__name__}: {_one_line(cause)} (run with --debug for the traceback)", file=sys.stderr)
+            print(
+                f"{PROG}: error: {type(cause).__name__}: {_one_line(cause)} (run with --debug for the traceback)",
+                file=sys.stderr,
+            )
             return 1

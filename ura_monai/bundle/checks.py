@@ -103,7 +103,9 @@ def check_dataset_dir(dataset_dir: Any, key: str = "dataset_dir") -> Path:
     return _required_path(dataset_dir, key, "<dataset folder>", Path.is_dir, "{path} is not a folder")
 
 
-def check_category(category: Any, layout: str, dataset_dir: str | os.PathLike | None = None, key: str = "category") -> str | None:
+def check_category(
+    category: Any, layout: str, dataset_dir: str | os.PathLike | None = None, key: str = "category"
+) -> str | None:
     """``None`` (no category) or a non-empty category whose folder exists in ``dataset_dir``.
 
     Raises:
@@ -137,14 +139,18 @@ def check_training_config(preset: Mapping[str, Any] | None, dataset_dir: Any, ca
     return {"preset": checked, "dataset_dir": root, "category": check_category(category, checked["layout"], root)}
 
 
-def check_evaluation_config(preset: Mapping[str, Any] | None, dataset_dir: Any, category: Any, ckpt_path: Any) -> dict[str, Any]:
+def check_evaluation_config(
+    preset: Mapping[str, Any] | None, dataset_dir: Any, category: Any, ckpt_path: Any
+) -> dict[str, Any]:
     """:func:`check_training_config` plus an existing checkpoint (``ckpt_path``)."""
     checked = check_training_config(preset, dataset_dir, category)
     checked["ckpt_path"] = check_checkpoint(ckpt_path)
     return checked
 
 
-def check_inference_config(input_dir: Any, input_type: Any, ckpt_path: Any, output_dir: Any = None, overwrite: Any = False) -> dict[str, Any]:
+def check_inference_config(
+    input_dir: Any, input_type: Any, ckpt_path: Any, output_dir: Any = None, overwrite: Any = False
+) -> dict[str, Any]:
     """``inference.json``'s inputs: an existing ``input_dir``, a known ``input_type``, an existing checkpoint, and an
     ``output_dir`` outside ``input_dir`` that the output-folder rule allows (new or empty, or a previous run's with
     ``--overwrite true``; see ``docs/robustness.md``). Nothing is written."""
@@ -157,7 +163,9 @@ def check_inference_config(input_dir: Any, input_type: Any, ckpt_path: Any, outp
         if is_within(out, root):
             raise ValueError(f"output_dir {out} is inside input_dir {root}: pass --output_dir <a folder outside it>")
         try:
-            check_output_dir(out, "predict" if input_type == "images" else "predict-dicom", overwrite=bool(overwrite), inputs=[root])
+            check_output_dir(
+                out, "predict" if input_type == "images" else "predict-dicom", overwrite=bool(overwrite), inputs=[root]
+            )
         except OutputFolderError as err:
             raise OutputFolderError(f"output_dir: {str(err).replace('--overwrite', '--overwrite true')}") from None
     return {"input_dir": root, "input_type": input_type, "ckpt_path": checkpoint}

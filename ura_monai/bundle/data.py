@@ -17,6 +17,7 @@ __all__ = ["training_splits", "test_datalist", "list_input_files", "oct_abnormal
 
 logger = logging.getLogger("ura_monai")
 
+
 def _layout_kwargs(layout: str, num_train_normal: int | None) -> dict[str, Any]:
     return {"num_train_normal": num_train_normal} if layout == "oct2017" and num_train_normal is not None else {}
 
@@ -31,7 +32,9 @@ def oct_abnormal_validation(dataset_dir: str | os.PathLike, per_class: int, seed
     if per_class <= 0:
         return []
     root = Path(dataset_dir).expanduser()
-    train_dir = next((p for p in root.iterdir() if p.is_dir() and p.name.lower() == "train"), None) if root.is_dir() else None
+    train_dir = (
+        next((p for p in root.iterdir() if p.is_dir() and p.name.lower() == "train"), None) if root.is_dir() else None
+    )
     if train_dir is None:
         return []
     items: list[dict[str, Any]] = []
@@ -89,16 +92,23 @@ def training_splits(
         normal = normal[:num_train_normal]
     train, held_out = split_normal_validation(normal, val_fraction, seed)
     if not held_out:
-        logger.warning("fewer than 5 normal training images (or val_fraction 0): validation and thresholds use the training images")
+        logger.warning(
+            "fewer than 5 normal training images (or val_fraction 0): validation and thresholds use the training images"
+        )
         held_out = list(train)
     abnormal = oct_abnormal_validation(dataset_dir, val_abnormal_per_class, seed) if layout == "oct2017" else []
     logger.info(
-        "training split: %d normal images for training, %d normal and %d abnormal for validation", len(train), len(held_out), len(abnormal)
+        "training split: %d normal images for training, %d normal and %d abnormal for validation",
+        len(train),
+        len(held_out),
+        len(abnormal),
     )
     return {"train": train, "val": held_out + abnormal, "threshold": held_out}
 
 
-def test_datalist(layout: str, dataset_dir: str | os.PathLike, category: str | None = None, num_train_normal: int | None = None) -> list[dict[str, Any]]:
+def test_datalist(
+    layout: str, dataset_dir: str | os.PathLike, category: str | None = None, num_train_normal: int | None = None
+) -> list[dict[str, Any]]:
     """The labelled test split of a dataset (:func:`ura_monai.data.build_datalist` with ``split="test"``)."""
     items = build_datalist(layout, dataset_dir, category, "test", **_layout_kwargs(layout, num_train_normal))
     logger.info("test split: %d images (%d abnormal)", len(items), sum(int(it["label"]) for it in items))

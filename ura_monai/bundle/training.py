@@ -17,8 +17,6 @@ __all__ = ["FeatureCacheDataset", "CosineDecay", "URANetBundleTrainer"]
 logger = logging.getLogger("ura_monai")
 
 
-
-
 class URANetBundleTrainer(URANetTrainer):
     """``URANetTrainer`` whose ``engine.state.output`` is a one-item list ``[{"loss": ..., <terms>}]``.
 

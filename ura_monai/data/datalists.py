@@ -136,9 +136,7 @@ def _find_mask(stem: str, folders: Iterable[Path | None]) -> Path | None:
     return None
 
 
-def _item(
-    image: Path, label: int, category: str, defect_type: str, mask: Path | None = None
-) -> dict[str, Any]:
+def _item(image: Path, label: int, category: str, defect_type: str, mask: Path | None = None) -> dict[str, Any]:
     return {
         "image": str(image),
         "label": int(label),
@@ -178,7 +176,9 @@ def _anomalous_items(
     return items
 
 
-def _normal_train_items(train_dir: Path, cat_name: str, what: str, skipped: list | None, verify: bool) -> list[dict[str, Any]]:
+def _normal_train_items(
+    train_dir: Path, cat_name: str, what: str, skipped: list | None, verify: bool
+) -> list[dict[str, Any]]:
     """Items of a folder of normal training images; the folder must exist and hold a readable image."""
     train_dir = _require_dir(train_dir, what)
     items = [_item(p, 0, cat_name, "good") for p in _list_images(train_dir, skipped, verify)]
@@ -358,8 +358,9 @@ def _oct_class_items(folder: Path, skipped: list | None, verify: bool) -> list[d
     return [_item(p, label, "oct2017", defect) for p in _list_images(folder, skipped, verify)]
 
 
-def _oct_released_split(root: Path, split_dir: Path, split: str, num_train_normal: int | None, skipped: list | None,
-                        verify: bool) -> list[dict[str, Any]]:
+def _oct_released_split(
+    root: Path, split_dir: Path, split: str, num_train_normal: int | None, skipped: list | None, verify: bool
+) -> list[dict[str, Any]]:
     """A split of the released OCT-2017 layout (``train/NORMAL`` and ``test/<CLASS>`` folders)."""
     if split == "train":
         normal_dir = _child_dir(split_dir, "NORMAL")
@@ -378,8 +379,9 @@ def _oct_released_split(root: Path, split_dir: Path, split: str, num_train_norma
     return items
 
 
-def _oct_flat_split(root: Path, split: str, num_train_normal: int | None, skipped: list | None,
-                    verify: bool) -> list[dict[str, Any]]:
+def _oct_flat_split(
+    root: Path, split: str, num_train_normal: int | None, skipped: list | None, verify: bool
+) -> list[dict[str, Any]]:
     """A split of a flat OCT-2017 root (class folders directly under it): the first NORMAL files train."""
     normal_dir = _child_dir(root, "NORMAL")
     if normal_dir is None:

@@ -204,7 +204,11 @@ def read_image_array(path: PathLike, channels: int | None = None, warn_conversio
     if warn_conversion and channels is not None and array.shape[0] != channels:
         kind = "grey" if array.shape[0] == 1 else "colour"
         target = "RGB (grey repeated)" if channels == 3 else "grey (luma)"
-        warnings.warn(f"{path} is a {kind} image; converted to {target} as the model expects {channels} channel(s)", UserWarning, stacklevel=2)
+        warnings.warn(
+            f"{path} is a {kind} image; converted to {target} as the model expects {channels} channel(s)",
+            UserWarning,
+            stacklevel=2,
+        )
     return _convert_channels(array, channels, path)
 
 
@@ -280,7 +284,9 @@ class LoadAnomalyMask(Transform):
             # anti-aliased edges or a label map: binarising at > 0 may not be what the annotator meant
             warnings.warn(
                 f"mask {path} is not binary ({values.size} distinct values from {values[0]} to {values[-1]}); "
-                "binarised at > 0", UserWarning, stacklevel=2,
+                "binarised at > 0",
+                UserWarning,
+                stacklevel=2,
             )
         size = tuple(raw.shape)
         if self.spatial_size is not None and size != self.spatial_size:

@@ -33,7 +33,10 @@ class URANetEvaluator(SupervisedEvaluator):
         device = engine.state.device
         images = batchdata["image"].to(device, non_blocking=engine.non_blocking)
         engine.network.eval()
-        with torch.inference_mode(), torch.autocast(device.type, enabled=engine.amp and device.type == "cuda", **engine.amp_kwargs):
+        with (
+            torch.inference_mode(),
+            torch.autocast(device.type, enabled=engine.amp and device.type == "cuda", **engine.amp_kwargs),
+        ):
             prediction = engine.network(images, num_samples=self.num_samples)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         output = {k: v.float().cpu() for k, v in prediction.items()}

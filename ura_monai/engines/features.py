@@ -107,7 +107,9 @@ def broadcast_from_rank0_(tensor: torch.Tensor) -> None:
         tensor.copy_(buffer.to(tensor.device))
 
 
-def fit_normal_statistics(network: torch.nn.Module, bank: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def fit_normal_statistics(
+    network: torch.nn.Module, bank: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``URANet.fit_normal_statistics`` on a feature cache (level scale and prototypes), then rank 0's fitted
     values broadcast to every rank, so that all ranks train the same network.
 
@@ -206,4 +208,9 @@ class FeatureCacheDataset(FeatureBankDataset):
         super().__init__(extract_feature_bank(model.feature_extractor, loader, device, augment, amp, progress))
         if init_prototypes:
             self.bank = fit_normal_statistics(model, self.bank, torch.Generator().manual_seed(seed))
-        logger.info("cached features of %d images (%d views): %s", len(data), self.bank.shape[0] // len(data), tuple(self.bank.shape))
+        logger.info(
+            "cached features of %d images (%d views): %s",
+            len(data),
+            self.bank.shape[0] // len(data),
+            tuple(self.bank.shape),
+        )

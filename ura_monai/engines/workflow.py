@@ -65,6 +65,7 @@ _RESUME_KEYS = ("image_size", "augment", "seed", "batch_size", "channels", "mode
 
 def _train_states(state_dir: Path) -> list[Path]:
     """Training states written by earlier versions through ignite's ``Checkpoint``, oldest first."""
+
     def iteration(path: Path) -> int:
         digits = path.stem.rsplit("_", 1)[-1]
         return int(digits) if digits.isdigit() else -1
@@ -189,11 +190,26 @@ def compute_thresholds(
     of a handful. ``network`` may be DDP-wrapped; its train/eval mode is restored."""
     model = cast(URANet, unwrap(network))
     was_training = model.training
-    _, outputs = run_inference(model, data, image_size, batch_size, device, num_workers, num_samples=0, amp=amp, progress=False, channels=channels)
+    _, outputs = run_inference(
+        model,
+        data,
+        image_size,
+        batch_size,
+        device,
+        num_workers,
+        num_samples=0,
+        amp=amp,
+        progress=False,
+        channels=channels,
+    )
     model.train(was_training)
     scores = [float(o["pred_score"]) for o in outputs]
     maps = [torch.stack([o["anomaly_map"] for o in outputs]).float().cpu()] if outputs else []
-    grid = None if training_features is None else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device))
+    grid = (
+        None
+        if training_features is None
+        else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device))
+    )
     if grid is not None:
         for part in grid.split(32):
             part_maps = model.map_generator(part, (image_size, image_size))
@@ -258,17 +274,47 @@ def fit(
     output_dir = mark_output_dir(output_dir, "fit")  # so that the output-folder rule knows it as a fit run
     fit_items, val_items, channels = _fit_and_threshold_items(train_items, val_fraction, seed)
     model = URANet(image_size=image_size, **(model_kwargs or {})).to(device)
-    run_config = {"image_size": image_size, "augment": augment, "seed": seed, "batch_size": batch_size, "channels": channels,
-                  "model": {k: v for k, v in model.config.items() if k not in ("num_samples", "backbone_weights")}}
+    run_config = {
+        "image_size": image_size,
+        "augment": augment,
+        "seed": seed,
+        "batch_size": batch_size,
+        "channels": channels,
+        "model": {k: v for k, v in model.config.items() if k not in ("num_samples", "backbone_weights")},
+    }
     saved = _saved_train_state(output_dir, resume, run_config, device)
     dataset = FeatureCacheDataset(
-        model, fit_items, image_size, augment, channels, batch_size, device, num_workers, amp, init_prototypes=False, progress=progress
+        model,
+        fit_items,
+        image_size,
+        augment,
+        channels,
+        batch_size,
+        device,
+        num_workers,
+        amp,
+        init_prototypes=False,
+        progress=progress,
     )
     # one generator for the prototype draw, then the shuffling and FASM (it is saved with the training state)
     generator = torch.Generator().manual_seed(seed)
     dataset.bank = fit_normal_statistics(model, dataset.bank.to(device), generator).cpu()
-    losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs, learning_rate=learning_rate,
-                    weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress, tensorboard=tensorboard)
+    losses = _train(
+        model,
+        dataset,
+        generator,
+        output_dir,
+        run_config,
+        saved,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        device=device,
+        amp=amp,
+        loss_kwargs=loss_kwargs,
+        progress=progress,
+        tensorboard=tensorboard,
+    )
     train_seconds = time.perf_counter() - start
 
     # the fused map's weight, chosen on FASM's image-level synthetic defects painted into the held-out normal images
@@ -276,20 +322,51 @@ def fit(
     fusion_scores = None
     if val_items is not fit_items and model.anomaly_map_source == "fused" and model.fasm is not None:
         was_training = model.training
-        fusion_scores = fusion_weight_from_items(model.eval(), val_items, image_size, channels, batch_size, device, seed)
+        fusion_scores = fusion_weight_from_items(
+            model.eval(), val_items, image_size, channels, batch_size, device, seed
+        )
         model.train(was_training)
     # thresholds from normal data, with the uncertainty passes off (they do not change the map)
-    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size, device=device,
-                                        num_workers=num_workers, amp=amp, training_features=dataset.bank)
-    extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment, "batch_size": batch_size,
-             "learning_rate": learning_rate, "train_images": len(fit_items), "val_images": len(val_items), "fusion_scores": None if fusion_scores is None else {f"{k:g}": round(v, 4) for k, v in fusion_scores.items()}, "fit_seconds": round(time.perf_counter() - start, 2)}
+    postprocessing = compute_thresholds(
+        model,
+        val_items,
+        image_size,
+        channels=channels,
+        batch_size=batch_size,
+        device=device,
+        num_workers=num_workers,
+        amp=amp,
+        training_features=dataset.bank,
+    )
+    extra = {
+        "image_size": image_size,
+        "channels": channels,
+        "epochs": epochs,
+        "seed": seed,
+        "augment": augment,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "train_images": len(fit_items),
+        "val_images": len(val_items),
+        "fusion_scores": None if fusion_scores is None else {f"{k:g}": round(v, 4) for k, v in fusion_scores.items()},
+        "fit_seconds": round(time.perf_counter() - start, 2),
+    }
     checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
     logger.info("wrote %s", checkpoint)
-    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "train_seconds": round(train_seconds, 2), "losses": losses, "model": model,
-            "features": dataset.bank}
+    return {
+        "checkpoint": str(checkpoint),
+        "postprocessing": postprocessing,
+        "fit_seconds": extra["fit_seconds"],
+        "train_seconds": round(train_seconds, 2),
+        "losses": losses,
+        "model": model,
+        "features": dataset.bank,
+    }
 
 
-def _fit_and_threshold_items(train_items: Sequence[dict], val_fraction: float, seed: int) -> tuple[list[dict], list[dict], int]:
+def _fit_and_threshold_items(
+    train_items: Sequence[dict], val_fraction: float, seed: int
+) -> tuple[list[dict], list[dict], int]:
     """``(images to train on, images to set thresholds with, channel count)`` of a run's training images."""
     if not train_items:
         raise ValueError("no training images")
@@ -320,11 +397,26 @@ def _train(
     """Train on the cached features for ``epochs`` (continuing the ``saved`` state when there is one), saving the
     training state after every epoch; returns the last epoch's loss terms."""
     trainer, optimizer, scheduler = _trainer(
-        model, dataset, generator, epochs, run_config["batch_size"], learning_rate, weight_decay, device, amp, loss_kwargs
+        model,
+        dataset,
+        generator,
+        epochs,
+        run_config["batch_size"],
+        learning_rate,
+        weight_decay,
+        device,
+        amp,
+        loss_kwargs,
     )
     _attach_logging(trainer, output_dir, progress, tensorboard)
     state_path = output_dir / "train_state" / TRAIN_STATE_NAME
-    state = {"network": model, "optimizer": optimizer, "scheduler": scheduler, "trainer": trainer, "rng": _GeneratorState(generator)}
+    state = {
+        "network": model,
+        "optimizer": optimizer,
+        "scheduler": scheduler,
+        "trainer": trainer,
+        "rng": _GeneratorState(generator),
+    }
     _make_resumable(trainer, state, state_path, run_config, *saved, epochs)
     losses: dict[str, float] = {}
 
@@ -341,8 +433,15 @@ def _train(
     return losses
 
 
-def _make_resumable(trainer: URANetTrainer, state: dict[str, Any], state_path: Path, run_config: dict[str, Any],
-                    saved_state: dict[str, Any] | None, saved_from: Path | None, epochs: int) -> None:
+def _make_resumable(
+    trainer: URANetTrainer,
+    state: dict[str, Any],
+    state_path: Path,
+    run_config: dict[str, Any],
+    saved_state: dict[str, Any] | None,
+    saved_from: Path | None,
+    epochs: int,
+) -> None:
     """Save the training ``state`` after every epoch and, with ``saved_state``, continue from it.
 
     The state is everything needed to continue exactly where an interrupted run stopped: network, optimizer,
@@ -363,7 +462,9 @@ def _make_resumable(trainer: URANetTrainer, state: dict[str, Any], state_path: P
         logger.info("resuming from %s (epoch %d)", saved_from, trainer.state.epoch)
 
 
-def _saved_train_state(output_dir: Path, resume: bool, run_config: dict[str, Any], device: torch.device) -> tuple[dict[str, Any] | None, Path | None]:
+def _saved_train_state(
+    output_dir: Path, resume: bool, run_config: dict[str, Any], device: torch.device
+) -> tuple[dict[str, Any] | None, Path | None]:
     """``(state, its path)`` to resume from, ``(None, None)`` for a fresh run.
 
     With ``resume``: ``train_state/train_state.pt`` (or an older version's newest ignite-named state), checked
@@ -402,14 +503,29 @@ def _trainer(
     """The trainer over the cached features (shuffled with ``generator``), with its AdamW optimizer and the cosine
     schedule stepped every iteration."""
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=min(batch_size, len(dataset)), shuffle=True, drop_last=len(dataset) > batch_size, generator=generator
+        dataset,
+        batch_size=min(batch_size, len(dataset)),
+        shuffle=True,
+        drop_last=len(dataset) > batch_size,
+        generator=generator,
     )
     loss_function = URANetLoss(model.level_channels, dataset_positions=dataset.positions, **(loss_kwargs or {}))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate, betas=(0.9, 0.95), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=learning_rate,
+        betas=(0.9, 0.95),
+        weight_decay=weight_decay,
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineDecay(epochs * len(loader)))
     trainer = URANetTrainer(
-        device=device, max_epochs=epochs, train_data_loader=loader, network=model, optimizer=optimizer,
-        loss_function=loss_function, amp=amp, generator=generator,
+        device=device,
+        max_epochs=epochs,
+        train_data_loader=loader,
+        network=model,
+        optimizer=optimizer,
+        loss_function=loss_function,
+        amp=amp,
+        generator=generator,
     )
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: scheduler.step())
     return trainer, optimizer, scheduler
@@ -418,11 +534,15 @@ def _trainer(
 def _attach_logging(trainer: URANetTrainer, output_dir: Path, progress: bool, tensorboard: bool) -> None:
     """A progress bar with the loss, and the loss terms in TensorBoard under ``<output_dir>/runs``."""
     if progress:
-        ProgressBar(desc="train", persist=False).attach(trainer, output_transform=lambda out: {"loss": float(out["loss"])})
+        ProgressBar(desc="train", persist=False).attach(
+            trainer, output_transform=lambda out: {"loss": float(out["loss"])}
+        )
     if tensorboard:
         from monai.handlers import TensorBoardStatsHandler
 
-        TensorBoardStatsHandler(log_dir=str(output_dir / "runs"), output_transform=lambda out: {k: float(v) for k, v in out.items()}).attach(trainer)
+        TensorBoardStatsHandler(
+            log_dir=str(output_dir / "runs"), output_transform=lambda out: {k: float(v) for k, v in out.items()}
+        ).attach(trainer)
 
 
 def test(
@@ -470,8 +590,18 @@ def test(
     start = time.perf_counter()
     # one channel count per run, so grey and colour test images batch; the network repeats grey to RGB anyway
     metrics, per_image = run_inference(
-        model, test_items, size, batch_size, device, num_workers, num_samples, amp, progress,
-        metric=AnomalyDetectionMetric(image_threshold=image_threshold), channels=channels or 3, warn_conversion=channels is not None,
+        model,
+        test_items,
+        size,
+        batch_size,
+        device,
+        num_workers,
+        num_samples,
+        amp,
+        progress,
+        metric=AnomalyDetectionMetric(image_threshold=image_threshold),
+        channels=channels or 3,
+        warn_conversion=channels is not None,
     )
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {k: metrics.get(k, math.nan) for k in ANOMALY_METRIC_NAMES}

@@ -94,7 +94,14 @@ class URANetCheckpointSaver:
         if not is_rank0():
             return None
         stats = compute_thresholds(
-            self.network, self.threshold_data, self.image_size, self.channels, self.batch_size, self.device, self.num_workers, self.amp
+            self.network,
+            self.threshold_data,
+            self.image_size,
+            self.channels,
+            self.batch_size,
+            self.device,
+            self.num_workers,
+            self.amp,
         )
         extra = {
             **self.extra,
@@ -109,7 +116,9 @@ class URANetCheckpointSaver:
 
     def save_final(self, engine: Engine) -> Path | None:
         """Write ``final_filename`` (called when training completes, also after early stopping)."""
-        return self._save(self.final_filename, {"epoch": int(engine.state.epoch), "max_epochs": int(engine.state.max_epochs or 0)})
+        return self._save(
+            self.final_filename, {"epoch": int(engine.state.epoch), "max_epochs": int(engine.state.max_epochs or 0)}
+        )
 
     def save_best(self, validator: Engine) -> Path | None:
         """Write ``best_filename`` when this validation set a new best key metric."""
@@ -117,7 +126,10 @@ class URANetCheckpointSaver:
         if not self.best_filename or state.key_metric_name is None or state.best_metric_epoch != state.epoch:
             return None
         epoch = int(self.trainer.state.epoch) if self.trainer is not None else int(state.epoch)
-        return self._save(self.best_filename, {"epoch": epoch, "key_metric": state.key_metric_name, "key_metric_value": float(state.best_metric)})
+        return self._save(
+            self.best_filename,
+            {"epoch": epoch, "key_metric": state.key_metric_name, "key_metric_value": float(state.best_metric)},
+        )
 
 
 class URANetCheckpointLoader:
@@ -135,7 +147,9 @@ class URANetCheckpointLoader:
         map_location: where tensors are loaded before being copied into the network.
     """
 
-    def __init__(self, load_path: str | os.PathLike, network: torch.nn.Module, map_location: str | torch.device = "cpu") -> None:
+    def __init__(
+        self, load_path: str | os.PathLike, network: torch.nn.Module, map_location: str | torch.device = "cpu"
+    ) -> None:
         self.load_path = Path(load_path)
         self.network = network
         self.map_location = map_location

@@ -92,6 +92,8 @@ class AnomalyMetricsWriter:
         path = atomic_write_text(self.output_dir / "metrics.json", json.dumps(report, indent=2))
         write_csv(self.output_dir / "per_image.csv", self.rows)
         if labels and 0 < sum(labels) < len(labels):
-            save_roc_curve_png(self.output_dir / "roc_curve.png", [r["pred_score"] for r in self.rows], labels, title="image ROC")
+            save_roc_curve_png(
+                self.output_dir / "roc_curve.png", [r["pred_score"] for r in self.rows], labels, title="image ROC"
+            )
         logger.info("wrote %s: %s", path, ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()) or "no defined metric")
         return path

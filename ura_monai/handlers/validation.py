@@ -26,7 +26,9 @@ class ValidationEarlyStopping:
         metric_name: metric to watch (default: the validator's key metric).
     """
 
-    def __init__(self, validator: Engine, patience: int = 0, min_delta: float = 0.0, metric_name: str | None = None) -> None:
+    def __init__(
+        self, validator: Engine, patience: int = 0, min_delta: float = 0.0, metric_name: str | None = None
+    ) -> None:
         if patience < 0:
             raise ValueError(f"patience must be >= 0, got {patience}")
         self.validator = validator

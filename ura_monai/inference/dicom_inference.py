@@ -214,7 +214,10 @@ def _predict_slices(
             outputs = predictor(torch.from_numpy(images))
             anomaly = _to_numpy_maps(outputs["anomaly_map"], count, height, width, "anomaly_map")
             anomaly_stream.write(anomaly.tobytes())
-            maps.anomaly_range = [min(maps.anomaly_range[0], float(anomaly.min())), max(maps.anomaly_range[1], float(anomaly.max()))]
+            maps.anomaly_range = [
+                min(maps.anomaly_range[0], float(anomaly.min())),
+                max(maps.anomaly_range[1], float(anomaly.max())),
+            ]
             uncertainty_value = outputs.get("uncertainty_map")
             if uncertainty_value is None:
                 maps.has_uncertainty = False
@@ -240,11 +243,15 @@ def _write_nifti_maps(series: SeriesInfo, staging: Path, maps: _RawMaps, axis: i
     shape_along_axis = iteration_shape(series, axis)
     maps_to_write = [("anomaly_map", maps.anomaly_path, maps.anomaly_range, "URA-Net anomaly map")]
     if maps.has_uncertainty:
-        maps_to_write.append(("uncertainty_map", maps.uncertainty_path, maps.uncertainty_range, "URA-Net uncertainty map"))
+        maps_to_write.append(
+            ("uncertainty_map", maps.uncertainty_path, maps.uncertainty_range, "URA-Net uncertainty map")
+        )
     outputs_written: dict[str, str] = {}
     for name, raw_path, value_range, description in maps_to_write:
         slabs = _iter_volume_slabs(raw_path, axis, shape_along_axis)
-        write_nifti_slabs(staging / f"{name}.nii.gz", slabs, series.shape, affine, (value_range[0], value_range[1]), description)
+        write_nifti_slabs(
+            staging / f"{name}.nii.gz", slabs, series.shape, affine, (value_range[0], value_range[1]), description
+        )
         outputs_written[f"{name}_nifti"] = f"{name}.nii.gz"
     return outputs_written
 
@@ -268,11 +275,15 @@ def _write_dicom_objects(
         ("parametric_map", "anomaly_map_pm.dcm", lambda p: write_parametric_map(p, anomaly_volume, series, sources))
     ]
     if pixel_threshold is not None:
-        writers.append((
-            "segmentation",
-            "anomaly_seg.dcm",
-            lambda p: write_segmentation(p, anomaly_volume >= pixel_threshold, series, float(pixel_threshold), sources),
-        ))
+        writers.append(
+            (
+                "segmentation",
+                "anomaly_seg.dcm",
+                lambda p: write_segmentation(
+                    p, anomaly_volume >= pixel_threshold, series, float(pixel_threshold), sources
+                ),
+            )
+        )
     for key, file_name, writer in writers:
         try:
             writer(staging / file_name)
@@ -440,7 +451,9 @@ def predict_dicom_folder(
         update_results_csv(csv_path, skipped_rows)
         all_rows.extend(skipped_rows)
 
-    settings = _SeriesSettings(predictor, axis, batch_size, volume_aggregation, top_k, write_dicom, progress, input_path)
+    settings = _SeriesSettings(
+        predictor, axis, batch_size, volume_aggregation, top_k, write_dicom, progress, input_path
+    )
     for number, series in enumerate(series_list, start=1):
         row = _predict_series(series, f"{number}/{len(series_list)}", output_path, settings, discovery_seconds)
         update_results_csv(csv_path, [row])
@@ -500,7 +513,9 @@ def _predict_series(
     }
     # series.name is sanitised from the SeriesInstanceUID; safe_child checks again that it stays inside output_path
     final_folder = safe_child(output_path, series.name)
-    staging = ensure_within(output_path / f".{final_folder.name}.partial-{secrets.token_hex(4)}", output_path, "staging folder")
+    staging = ensure_within(
+        output_path / f".{final_folder.name}.partial-{secrets.token_hex(4)}", output_path, "staging folder"
+    )
     try:
         staging.mkdir(parents=True)
         report = _run_series(series, staging, *settings)
@@ -521,7 +536,12 @@ def _predict_series(
         )
         logger.info(
             "series %s %s (%s, %d slices): score %.4g, %s",
-            position, series.name, series.modality, series.num_frames, report["volume_score"], report["decision"],
+            position,
+            series.name,
+            series.modality,
+            series.num_frames,
+            report["volume_score"],
+            report["decision"],
         )
     except Exception as error:  # one bad series must not stop the folder
         shutil.rmtree(staging, ignore_errors=True)

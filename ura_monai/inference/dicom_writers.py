@@ -409,5 +409,7 @@ def update_results_csv(path: str | os.PathLike[str], rows: Sequence[dict[str, An
     for row in rows:
         merged[_row_key(row)] = row
     # cells escaped against formula injection: paths and messages come from the input folder
-    table = [{key: ("" if row.get(key) is None else row.get(key)) for key in RESULTS_CSV_FIELDS} for row in merged.values()]
+    table = [
+        {key: ("" if row.get(key) is None else row.get(key)) for key in RESULTS_CSV_FIELDS} for row in merged.values()
+    ]
     return atomic_write_csv(csv_path, table, RESULTS_CSV_FIELDS)

@@ -44,11 +44,25 @@ from ura_monai.networks.blocks.ram import RestorationAttention, default_block_el
 from ura_monai.networks.nets.ura_net import NORMAL_MODEL_SOURCES, URANet
 from ura_monai.utils.enums import AttentionMode
 
-__all__ = ["FastURANet", "StageTimer", "ATTENTION_MODES", "fast_restoration", "smoothing_matrix", "token_residual", "DTYPES"]
+__all__ = [
+    "FastURANet",
+    "StageTimer",
+    "ATTENTION_MODES",
+    "fast_restoration",
+    "smoothing_matrix",
+    "token_residual",
+    "DTYPES",
+]
 
 ATTENTION_MODES = AttentionMode.choices()
-DTYPES = {"fp32": None, "float32": None, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
+DTYPES = {
+    "fp32": None,
+    "float32": None,
+    "bf16": torch.bfloat16,
+    "bfloat16": torch.bfloat16,
+    "fp16": torch.float16,
+    "float16": torch.float16,
+}
 
 
 def _as_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -111,7 +125,9 @@ class StageTimer:
 
 
 # --------------------------------------------------------------------------------------------- smoothing
-def smoothing_matrix(grid: int, size: int, generator: AnomalyMapGenerator, device: torch.device | str = "cpu") -> torch.Tensor:
+def smoothing_matrix(
+    grid: int, size: int, generator: AnomalyMapGenerator, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """(size, grid) matrix of one axis of ``generator``: bilinear upsampling from ``grid`` to ``size`` samples
     (``align_corners=False``), then the reflect-padded Gaussian (when ``sigma > 0``).
 
@@ -127,7 +143,9 @@ def smoothing_matrix(grid: int, size: int, generator: AnomalyMapGenerator, devic
     return up[:, 0].t().contiguous().to(device=device, dtype=torch.float32)
 
 
-def token_residual(features: torch.Tensor, restored: torch.Tensor, level_channels: Sequence[int], eps: float = 1e-6) -> torch.Tensor:
+def token_residual(
+    features: torch.Tensor, restored: torch.Tensor, level_channels: Sequence[int], eps: float = 1e-6
+) -> torch.Tensor:
     """``feature_residual`` on token layout (B, N, C): sum over levels of ``1 - cos``, returns (B, N) float32.
 
     Same formula as ``torch.nn.functional.cosine_similarity``: each vector divided by ``max(norm, eps)``.
@@ -135,7 +153,9 @@ def token_residual(features: torch.Tensor, restored: torch.Tensor, level_channel
     residual = None
     for f, r in zip(features.split(list(level_channels), dim=-1), restored.split(list(level_channels), dim=-1)):
         f, r = f.float(), r.float()
-        cos = (f * r).sum(-1) / (torch.linalg.vector_norm(f, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(r, dim=-1).clamp_min(eps))
+        cos = (f * r).sum(-1) / (
+            torch.linalg.vector_norm(f, dim=-1).clamp_min(eps) * torch.linalg.vector_norm(r, dim=-1).clamp_min(eps)
+        )
         residual = 1.0 - cos if residual is None else residual + (1.0 - cos)
     if residual is None:
         raise ValueError("token_residual needs at least one level (level_channels is empty)")
@@ -208,7 +228,9 @@ class FastURANet(nn.Module):
         if channels_last:
             # Module.to takes memory_format at run time; torch's stubs do not list it
             self.model.feature_extractor.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self._impl = torch.compile(self._forward_impl, mode=compile_mode, dynamic=False) if compile else self._forward_impl
+        self._impl = (
+            torch.compile(self._forward_impl, mode=compile_mode, dynamic=False) if compile else self._forward_impl
+        )
 
     # ------------------------------------------------------------------ pieces
     def _axis_matrix(self, grid: int, size: int, device: torch.device) -> torch.Tensor:
@@ -222,7 +244,9 @@ class FastURANet(nn.Module):
 
     def _autocast(self, device: torch.device):
         # no cast cache under CUDA-graph capture: cached casts made during capture would be freed at its end
-        return torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=not self.cuda_graph)
+        return torch.autocast(
+            device.type, dtype=self.dtype, enabled=self.dtype is not None, cache_enabled=not self.cuda_graph
+        )
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Backbone features (B, C, h, w), under the path's autocast and memory format."""
@@ -262,18 +286,30 @@ class FastURANet(nn.Module):
                     block = self.block_elements or default_block_elements(images.device)
                     features = features.float()
                     if source == "memory":
-                        grid = model.ram.prototype_distance(features, chunk=max(1, block // model.ram.prototypes.shape[0]))
+                        grid = model.ram.prototype_distance(
+                            features, chunk=max(1, block // model.ram.prototypes.shape[0])
+                        )
                     else:
                         grid = model.normal_model_map(features)
             else:
                 tokens = features.flatten(2).transpose(1, 2)  # (B, N, C); contiguous when channels_last
                 with self._stage("ram_attention"):
                     restoration = model.ram.restore_tokens(
-                        tokens, (h, w), probability, uncertainty, self._attention_mode(images.device), self.dtype, self.block_elements
+                        tokens,
+                        (h, w),
+                        probability,
+                        uncertainty,
+                        self._attention_mode(images.device),
+                        self.dtype,
+                        self.block_elements,
                     )
                 with self._stage("residual"):
                     if model.anomaly_map_source == "restored":
-                        gate = torch.ones_like(tokens[..., :1], dtype=torch.float32) if probability is None else probability.flatten(1).unsqueeze(-1)
+                        gate = (
+                            torch.ones_like(tokens[..., :1], dtype=torch.float32)
+                            if probability is None
+                            else probability.flatten(1).unsqueeze(-1)
+                        )
                         restoration = gate * restoration.float() + (1.0 - gate) * tokens.float()
                     if getattr(model, "residual", "cosine") == "l2":
                         grid = torch.linalg.vector_norm(tokens.float() - restoration.float(), dim=-1).view(b, 1, h, w)
@@ -290,7 +326,9 @@ class FastURANet(nn.Module):
             if probability is not None:
                 result["perception_map"] = F.interpolate(probability, size=size, mode="bilinear", align_corners=False)
                 result["uncertainty_map"] = (
-                    torch.zeros_like(anomaly_map) if uncertainty is None else F.interpolate(uncertainty, size=size, mode="bilinear", align_corners=False)
+                    torch.zeros_like(anomaly_map)
+                    if uncertainty is None
+                    else F.interpolate(uncertainty, size=size, mode="bilinear", align_corners=False)
                 )
             else:
                 result["uncertainty_map"] = torch.zeros_like(anomaly_map)

@@ -92,8 +92,14 @@ class _FileRun:
     """The state of one :func:`predict_files` run: the predictor, the image loaders, the names handed out, the
     progress bar."""
 
-    def __init__(self, predictor: URANetPredictor, output_dir: Path, input_root: str | os.PathLike | None,
-                 inputs: list[Path], bar: Any) -> None:
+    def __init__(
+        self,
+        predictor: URANetPredictor,
+        output_dir: Path,
+        input_root: str | os.PathLike | None,
+        inputs: list[Path],
+        bar: Any,
+    ) -> None:
         self.predictor = predictor
         self.output_dir = output_dir
         self.input_root = input_root
@@ -129,13 +135,22 @@ class _FileRun:
         original = (image.clamp(0, 1) * 255.0).round().to(torch.uint8)
         return original, model_input
 
-    def load_chunk(self, chunk: list[Path]) -> tuple[list[dict[str, Any]], list[tuple[int, Path, torch.Tensor, torch.Tensor]]]:
+    def load_chunk(
+        self, chunk: list[Path]
+    ) -> tuple[list[dict[str, Any]], list[tuple[int, Path, torch.Tensor, torch.Tensor]]]:
         """One row per file of ``chunk`` and ``(row index, path, original uint8, model input)`` per readable one."""
         rows: list[dict[str, Any]] = []
         loaded: list[tuple[int, Path, torch.Tensor, torch.Tensor]] = []
         for path in chunk:
-            row = {"path": str(path), "score": "", "normalized_score": "", "decision": "", "threshold": self.threshold_cell,
-                   "error": "", "overlay": ""}
+            row = {
+                "path": str(path),
+                "score": "",
+                "normalized_score": "",
+                "decision": "",
+                "threshold": self.threshold_cell,
+                "error": "",
+                "overlay": "",
+            }
             rows.append(row)
             try:
                 original, model_input = self.load(path)
@@ -158,8 +173,11 @@ class _FileRun:
                 out = self.predictor.run_network(batch[index : index + 1])
             except MemoryError as err:
                 row["error"] = format_error(err) or "MemoryError"
-                out = {"anomaly_map": torch.full((1, 1, size, size), float("nan")), "uncertainty_map": torch.full((1, 1, size, size), float("nan")),
-                       "pred_score": torch.full((1,), float("nan"))}
+                out = {
+                    "anomaly_map": torch.full((1, 1, size, size), float("nan")),
+                    "uncertainty_map": torch.full((1, 1, size, size), float("nan")),
+                    "pred_score": torch.full((1,), float("nan")),
+                }
             for key in parts:
                 parts[key].append(out[key])
         return {key: torch.cat(values) for key, values in parts.items()}
@@ -167,14 +185,18 @@ class _FileRun:
     def output_names(self, path: Path) -> dict[str, Path]:
         """The output files of one input, refused when one would land on any input."""
         source = _naming_source(path, self.input_root)
-        names = {k: output_path_for(source, self.output_dir, s, self.input_root, self.taken) for k, s in _OUTPUT_SUFFIXES.items()}
+        names = {
+            k: output_path_for(source, self.output_dir, s, self.input_root, self.taken)
+            for k, s in _OUTPUT_SUFFIXES.items()
+        }
         clash = [n for n in names.values() if n.resolve() in self.input_set]
         if clash:
             raise ValueError(f"refusing to write {clash[0]} over an input file: outputs never overwrite inputs")
         return names
 
-    def write_image(self, names: dict[str, Path], original: torch.Tensor, anomaly_map: torch.Tensor,
-                    uncertainty_map: torch.Tensor) -> None:
+    def write_image(
+        self, names: dict[str, Path], original: torch.Tensor, anomaly_map: torch.Tensor, uncertainty_map: torch.Tensor
+    ) -> None:
         """Resize one image's (1, S, S) maps to its own size and write its four files."""
         size = tuple(original.shape[-2:])
         predictor = self.predictor
@@ -270,7 +292,9 @@ def predict_files(
     output_dir = Path(output_dir)
     inputs = [Path(p) for p in paths]
     # outputs never go into an input folder: they could replace inputs, and a later run would read them as inputs
-    claim_output_dir(output_dir, "predict", overwrite=overwrite, inputs=([input_root] if input_root is not None else []) + inputs)
+    claim_output_dir(
+        output_dir, "predict", overwrite=overwrite, inputs=([input_root] if input_root is not None else []) + inputs
+    )
     csv_path = output_dir / SCORES_CSV_NAME
     rows: list[dict[str, Any]] = []
     bar = tqdm(total=len(inputs), desc="predict", unit="image", disable=not progress, leave=False)

@@ -127,7 +127,9 @@ def save_prediction_files(
     save_array(names["anomaly_map"], anomaly_map)
     save_array(names["uncertainty"], uncertainty_map)
     viridis = matplotlib.colormaps["viridis"]
-    save_png(names["uncertainty_png"], np.rint(viridis(np.clip(uncertainty_map, 0.0, 1.0))[..., :3] * 255.0).astype(np.uint8))
+    save_png(
+        names["uncertainty_png"], np.rint(viridis(np.clip(uncertainty_map, 0.0, 1.0))[..., :3] * 255.0).astype(np.uint8)
+    )
 
 
 # --------------------------------------------------------------------------- tables
@@ -264,7 +266,9 @@ def save_map_figure(
     axes[1].imshow(overlay)
     axes[1].set_title("anomaly map" + (f" (contour: >= {threshold:.3g})" if threshold is not None else ""))
     # the overlay is an RGB image, so its colorbar comes from a mappable with the renderer's own scale
-    figure.colorbar(ScalarMappable(Normalize(low, high if high > low else low + 1e-12), renderer.cmap), ax=axes[1], shrink=0.8)
+    figure.colorbar(
+        ScalarMappable(Normalize(low, high if high > low else low + 1e-12), renderer.cmap), ax=axes[1], shrink=0.8
+    )
     # uncertainty is typically a few hundredths: on a fixed 0-1 scale the panel would be uniformly dark, so it
     # uses its own range and the colorbar shows the values
     shown = axes[2].imshow(umap, cmap="viridis", vmin=0.0, vmax=max(float(umap.max()), 1e-6))

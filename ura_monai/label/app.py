@@ -29,8 +29,18 @@ MODELS: dict[str, type[TaskConfig]] = {"ura_net": URANetConfig}
 # the files URA-Net reads (ura_monai.label.volumes). MONAI Label's default list has *.jpg and *.png but not *.jpeg,
 # which OCT exports and photos often use; its *.svs / *.xml (pathology) are left out: URA-Net reads neither
 DATASTORE_EXTENSIONS: list[str] = [
-    "*.nii.gz", "*.nii", "*.nrrd", "*.nhdr", "*.mha", "*.mhd",
-    "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff",
+    "*.nii.gz",
+    "*.nii",
+    "*.nrrd",
+    "*.nhdr",
+    "*.mha",
+    "*.mhd",
+    "*.png",
+    "*.jpg",
+    "*.jpeg",
+    "*.bmp",
+    "*.tif",
+    "*.tiff",
 ]
 
 

@@ -59,7 +59,9 @@ class URANetConfig(TaskConfig):
         if pretrained:
             pretrained = os.path.realpath(os.path.expanduser(pretrained))
             if not os.path.isfile(pretrained):
-                logger.warning("URA-Net checkpoint %s not found; the model is listed once training publishes one", pretrained)
+                logger.warning(
+                    "URA-Net checkpoint %s not found; the model is listed once training publishes one", pretrained
+                )
         # MONAI Label's convention: the last existing path wins, so a trained model replaces the pre-trained one
         self.path = [p for p in (pretrained, self.published_path) if p]
         self.dimension = int(conf.get("dimension", 3))

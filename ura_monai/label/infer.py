@@ -86,7 +86,9 @@ class LoadURANetInputd:
         d = dict(data)
         source = d[self.key]
         if not isinstance(source, (str, os.PathLike)):
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"URA-Net needs an image path, got {type(source).__name__}")
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT, f"URA-Net needs an image path, got {type(source).__name__}"
+            )
         source = os.fspath(source)
         try:
             volume = is_volume(source)
@@ -102,7 +104,10 @@ class LoadURANetInputd:
         else:
             image = read_image_array(source)
             if image.shape[0] not in (1, 3):
-                raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"{source}: expected a grey or RGB image, got {image.shape[0]} channels")
+                raise MONAILabelException(
+                    MONAILabelError.INVALID_INPUT,
+                    f"{source}: expected a grey or RGB image, got {image.shape[0]} channels",
+                )
             d[self.key] = image
             d["ura_kind"] = "image"
         return d
@@ -204,7 +209,9 @@ class URANetInferTask(BasicInferTask):
         predictor = self._get_network(device, data)
         output = str(_first(data.get("anomaly_output", "mask")))
         if output not in ANOMALY_OUTPUTS:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"anomaly_output must be one of {ANOMALY_OUTPUTS}, got {output!r}")
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT, f"anomaly_output must be one of {ANOMALY_OUTPUTS}, got {output!r}"
+            )
         image_threshold = _optional_float(data.get("image_threshold"))
         image_threshold = predictor.image_threshold if image_threshold is None else image_threshold
         pixel_threshold = _optional_float(data.get("pixel_threshold"))
@@ -230,7 +237,11 @@ class URANetInferTask(BasicInferTask):
                 # a mask is never written as JPEG (lossy); a float map needs a float format
                 data["result_extension"] = ".png" if output == "mask" else ".tif"
 
-        mask = (anomaly_map >= pixel_threshold).astype(np.uint8) if pixel_threshold is not None else np.zeros(anomaly_map.shape, np.uint8)
+        mask = (
+            (anomaly_map >= pixel_threshold).astype(np.uint8)
+            if pixel_threshold is not None
+            else np.zeros(anomaly_map.shape, np.uint8)
+        )
         if output == "mask":
             data[self.output_label_key] = mask
             data.setdefault("result_dtype", "uint8")
@@ -260,7 +271,9 @@ class URANetInferTask(BasicInferTask):
                 "anomaly_output": output,
                 "dimension": 3 if data.get("ura_kind") == "volume" else 2,
                 "checkpoint": os.path.basename(str(predictor.checkpoint_path)),
-                "checkpoint_modified": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(predictor.loaded_mtime_ns / 1e9)),
+                "checkpoint_modified": time.strftime(
+                    "%Y-%m-%dT%H:%M:%S", time.localtime(predictor.loaded_mtime_ns / 1e9)
+                ),
             }
         )
         data[self.output_json_key] = result

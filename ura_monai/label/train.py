@@ -126,7 +126,9 @@ class URANetTrainTask(TrainTask):
         """The training datalist (MONAI Label's hook name, as in ``BasicTrainTask``): :meth:`datalist`."""
         return self.datalist(datastore)
 
-    def training_items(self, datalist: list[dict[str, Any]], slice_dir: str | os.PathLike, request: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    def training_items(
+        self, datalist: list[dict[str, Any]], slice_dir: str | os.PathLike, request: dict[str, Any]
+    ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
         """ura_monai datalist items (``label`` 0) for ``datalist``: pictures as they are, volumes as slice PNGs.
 
         Volume slices are written to ``slice_dir`` as 16-bit grey PNGs. Training batches need one channel count:
@@ -155,7 +157,11 @@ class URANetTrainTask(TrainTask):
                 volume, _ = load_volume(path)
                 normalized = normalize_volume(volume, intensity_window(volume))
                 count = volume.shape[axis]
-                chosen = np.arange(count) if max_slices <= 0 else np.unique(np.linspace(0, count - 1, min(count, max_slices)).round().astype(int))
+                chosen = (
+                    np.arange(count)
+                    if max_slices <= 0
+                    else np.unique(np.linspace(0, count - 1, min(count, max_slices)).round().astype(int))
+                )
                 name = str(entry.get("image_id") or Path(path).name).replace(os.sep, "_")
                 slice_dir.mkdir(parents=True, exist_ok=True)
                 for index in chosen:  # written now, so that memory does not grow with the datastore
@@ -193,7 +199,14 @@ class URANetTrainTask(TrainTask):
 
     @staticmethod
     def _item(path: str | os.PathLike) -> dict[str, Any]:
-        return {"image": str(path), "label": 0, "mask": None, "has_mask": False, "defect_type": "good", "category": "monailabel"}
+        return {
+            "image": str(path),
+            "label": 0,
+            "mask": None,
+            "has_mask": False,
+            "defect_type": "good",
+            "category": "monailabel",
+        }
 
     # ------------------------------------------------------------------ training
     def __call__(self, request: dict[str, Any], datastore: Datastore) -> dict[str, Any]:
@@ -206,7 +219,9 @@ class URANetTrainTask(TrainTask):
         device = name_to_device(req.get("device"))
         augment = str(_first(req.get("augment", "none")))
         if augment not in _AUGMENTS:
-            raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"augment must be one of {_AUGMENTS}, got {augment!r}")
+            raise MONAILabelException(
+                MONAILabelError.INVALID_INPUT, f"augment must be one of {_AUGMENTS}, got {augment!r}"
+            )
         epochs = int(_first(req["max_epochs"]))
         image_size = int(_first(req["image_size"]))
         output_dir = Path(self.model_dir) / str(_first(req.get("name", "ura_net_train")))
@@ -217,7 +232,10 @@ class URANetTrainTask(TrainTask):
         try:
             items, skipped = self.training_items(datalist, slice_dir, req)
             if not items:
-                raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"no usable image in the datastore ({len(datalist)} listed, {len(skipped)} unreadable)")
+                raise MONAILabelException(
+                    MONAILabelError.INVALID_INPUT,
+                    f"no usable image in the datastore ({len(datalist)} listed, {len(skipped)} unreadable)",
+                )
             result = fit(
                 items,
                 output_dir,

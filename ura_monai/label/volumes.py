@@ -135,7 +135,9 @@ def iter_slice_batches(
         yield chunk, np.stack([slice_to_image(volume, axis, int(i)) for i in chunk])[:, None]
 
 
-def place_slice_maps(maps: np.ndarray, shape: Sequence[int], axis: int, out: np.ndarray, indices: Sequence[int] | np.ndarray) -> None:
+def place_slice_maps(
+    maps: np.ndarray, shape: Sequence[int], axis: int, out: np.ndarray, indices: Sequence[int] | np.ndarray
+) -> None:
     """Write ``(N, H, W)`` slice maps back into ``out`` (the volume's shape) at ``indices`` along ``axis``."""
     axis = _check_axis(axis)
     for map_2d, index in zip(maps, indices):

@@ -472,8 +472,9 @@ def _region_and_normal_scores(maps: MapsLike, masks: MapsLike) -> tuple[list[np.
     return region_values, normal_parts
 
 
-def _pro_curve(region_values: list[np.ndarray], normal_scores: np.ndarray, fpr_limit: float,
-               num_thresholds: int) -> tuple[np.ndarray, np.ndarray]:
+def _pro_curve(
+    region_values: list[np.ndarray], normal_scores: np.ndarray, fpr_limit: float, num_thresholds: int
+) -> tuple[np.ndarray, np.ndarray]:
     """``(fpr, pro)`` at thresholds sampling the FPR axis uniformly up to ``fpr_limit``, both corners of each."""
     num_normal = normal_scores.size
     # wanted false-positive counts, uniform in FPR; only the top (largest) normal scores are needed,

@@ -173,13 +173,15 @@ def read_checkpoint(checkpoint: str | os.PathLike | Mapping[str, Any], map_locat
         if isinstance(meta, Mapping) and meta.get("format") == CHECKPOINT_FORMAT:
             return _upgrade_config(_from_state_dict(checkpoint))
         if checkpoint.get("format") == LEGACY_CHECKPOINT_FORMAT:
-            return _upgrade_config({
-                "format": LEGACY_CHECKPOINT_FORMAT,
-                "config": dict(checkpoint["config"]),
-                "state_dict": dict(checkpoint["state_dict"]),
-                "postprocessing": dict(checkpoint.get("postprocessing") or {}),
-                "extra": dict(checkpoint.get("extra") or {}),
-            })
+            return _upgrade_config(
+                {
+                    "format": LEGACY_CHECKPOINT_FORMAT,
+                    "config": dict(checkpoint["config"]),
+                    "state_dict": dict(checkpoint["state_dict"]),
+                    "postprocessing": dict(checkpoint.get("postprocessing") or {}),
+                    "extra": dict(checkpoint.get("extra") or {}),
+                }
+            )
     raise ValueError(
         f"{source} is not a URA-Net checkpoint (expected format {CHECKPOINT_FORMAT} or {LEGACY_CHECKPOINT_FORMAT})"
     )

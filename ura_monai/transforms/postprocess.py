@@ -103,7 +103,9 @@ class SmoothAnomalyMap(Transform):
         radius = (self.generator.kernel.numel() - 1) // 2
         if self.sigma > 0 and min(size) <= radius:
             # reflect padding needs the map to be larger than the kernel radius
-            raise ValueError(f"map of size {size} is too small for sigma={self.sigma} (kernel radius {radius}, reflect borders)")
+            raise ValueError(
+                f"map of size {size} is too small for sigma={self.sigma} (kernel radius {radius}, reflect borders)"
+            )
         out = self.generator(batched, size)
         out = out[0] if img.ndim == 3 else out
         if out is x:  # sigma == 0 and a same-size interpolate could hand back the input itself
@@ -157,7 +159,9 @@ class NormalizeAnomalyScore(Transform):
         # float() also accepts 0-d tensors / numpy scalars read from a checkpoint
         self.threshold, self.min_value, self.max_value = float(threshold), float(min_value), float(max_value)
         if not self.max_value > self.min_value:
-            raise ValueError(f"max_value must be greater than min_value, got min={self.min_value}, max={self.max_value}")
+            raise ValueError(
+                f"max_value must be greater than min_value, got min={self.min_value}, max={self.max_value}"
+            )
 
     def __call__(self, img: Array | float) -> Array | float:
         """
@@ -176,7 +180,9 @@ class NormalizeAnomalyScore(Transform):
             return ((t - self.threshold) / (self.max_value - self.min_value) + 0.5).clamp(0.0, 1.0)
         x = np.asarray(img)
         x = x.astype(_float_dtype(x), copy=False)
-        return np.clip((x - self.threshold) / (self.max_value - self.min_value) + 0.5, 0.0, 1.0).astype(x.dtype, copy=False)
+        return np.clip((x - self.threshold) / (self.max_value - self.min_value) + 0.5, 0.0, 1.0).astype(
+            x.dtype, copy=False
+        )
 
 
 class NormalizeAnomalyScored(MapTransform):
@@ -193,7 +199,12 @@ class NormalizeAnomalyScored(MapTransform):
     backend = NormalizeAnomalyScore.backend
 
     def __init__(
-        self, keys: KeysCollection, threshold: float, min_value: float, max_value: float, allow_missing_keys: bool = False
+        self,
+        keys: KeysCollection,
+        threshold: float,
+        min_value: float,
+        max_value: float,
+        allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.normalizer = NormalizeAnomalyScore(threshold, min_value, max_value)
@@ -420,6 +431,8 @@ class RenderHeatmapOverlayd(MapTransform):
             if self.mask_key in d:
                 mask = d[self.mask_key]
             elif not self.allow_missing_keys:
-                raise KeyError(f"key '{self.mask_key}' is not found in data, set allow_missing_keys=True to skip the contour")
+                raise KeyError(
+                    f"key '{self.mask_key}' is not found in data, set allow_missing_keys=True to skip the contour"
+                )
         d[self.output_key] = self.renderer(d[self.image_key], d[self.map_key], mask)
         return d

@@ -47,8 +47,13 @@ class RandSyntheticDefect(RandomizableTransform):
         prob: chance of painting a defect at all (otherwise the image is returned with an empty mask).
     """
 
-    def __init__(self, area_range: tuple[float, float] = (0.005, 0.15), scratch_probability: float = 0.2,
-                 max_blend: float = 0.5, prob: float = 1.0) -> None:
+    def __init__(
+        self,
+        area_range: tuple[float, float] = (0.005, 0.15),
+        scratch_probability: float = 0.2,
+        max_blend: float = 0.5,
+        prob: float = 1.0,
+    ) -> None:
         RandomizableTransform.__init__(self, prob)
         self.area_range, self.scratch_probability, self.max_blend = area_range, scratch_probability, max_blend
 
@@ -86,8 +91,9 @@ class RandSyntheticDefect(RandomizableTransform):
             return 0.5 + np.stack([perlin_noise((h, w), (16, 16), self.R) for _ in range(c)]) * self.R.uniform(0.5, 1.5)
         return image * self.R.uniform(0.2, 1.8)  # the image itself darkened or brightened
 
-    def __call__(self, image: torch.Tensor | np.ndarray, others: torch.Tensor | np.ndarray | None = None,
-                 randomize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, image: torch.Tensor | np.ndarray, others: torch.Tensor | np.ndarray | None = None, randomize: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             image: (C, H, W) in [0, 1].
@@ -99,12 +105,18 @@ class RandSyntheticDefect(RandomizableTransform):
         c, h, w = array.shape
         if not self._do_transform:
             return torch.as_tensor(array), torch.zeros(1, h, w)
-        pool = None if others is None else np.asarray(others.detach().cpu() if isinstance(others, torch.Tensor) else others, dtype=np.float32)
+        pool = (
+            None
+            if others is None
+            else np.asarray(others.detach().cpu() if isinstance(others, torch.Tensor) else others, dtype=np.float32)
+        )
         mask = self._scratch_mask(h, w) if self.R.rand() < self.scratch_probability else self._perlin_mask(h, w)
         blend = self.R.uniform(0.0, self.max_blend)
         source = np.clip(self._source(array, pool), 0.0, 1.0)
         painted = np.where(mask[None], (1 - blend) * source + blend * array, array)
-        return torch.as_tensor(np.clip(painted, 0, 1), dtype=torch.float32), torch.as_tensor(mask[None], dtype=torch.float32)
+        return torch.as_tensor(np.clip(painted, 0, 1), dtype=torch.float32), torch.as_tensor(
+            mask[None], dtype=torch.float32
+        )
 
 
 class RandSyntheticDefectd(RandomizableTransform, MapTransform):
@@ -117,7 +129,9 @@ class RandSyntheticDefectd(RandomizableTransform, MapTransform):
         self.synth = RandSyntheticDefect(**kwargs)
         self.mask_key, self.label_key = mask_key, label_key
 
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> RandSyntheticDefectd:
+    def set_random_state(
+        self, seed: int | None = None, state: np.random.RandomState | None = None
+    ) -> RandSyntheticDefectd:
         super().set_random_state(seed, state)
         self.synth.set_random_state(seed, state)
         return self

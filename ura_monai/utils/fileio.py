@@ -120,7 +120,9 @@ def atomic_write_text(path: str | os.PathLike[str], text: str, encoding: str = "
 # --------------------------------------------------------------------------- typed writers
 
 
-def atomic_write_json(path: str | os.PathLike[str], data: Any, indent: int | None = 2, fsync: bool = True, **dumps_kwargs: Any) -> Path:
+def atomic_write_json(
+    path: str | os.PathLike[str], data: Any, indent: int | None = 2, fsync: bool = True, **dumps_kwargs: Any
+) -> Path:
     """Write ``data`` as JSON to ``path`` atomically (``json.dumps`` keyword arguments pass through)."""
     return atomic_write_text(path, json.dumps(data, indent=indent, **dumps_kwargs) + "\n", fsync=fsync)
 
@@ -167,11 +169,15 @@ def escape_csv_cell(value: Any) -> Any:
     return value
 
 
-def csv_text(rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extrasaction: Literal["raise", "ignore"] = "raise") -> str:
+def csv_text(
+    rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extrasaction: Literal["raise", "ignore"] = "raise"
+) -> str:
     """The CSV text (header + rows, ``\\n`` line ends) of ``rows`` with every cell passed through
     :func:`escape_csv_cell`; missing values are written empty."""
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(fieldnames), restval="", extrasaction=extrasaction, lineterminator="\n")
+    writer = csv.DictWriter(
+        buffer, fieldnames=list(fieldnames), restval="", extrasaction=extrasaction, lineterminator="\n"
+    )
     writer.writeheader()
     for row in rows:
         writer.writerow({str(k): escape_csv_cell(v) for k, v in row.items()})
@@ -179,7 +185,11 @@ def csv_text(rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extra
 
 
 def atomic_write_csv(
-    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], fieldnames: Sequence[str], extrasaction: Literal["raise", "ignore"] = "raise", fsync: bool = True
+    path: str | os.PathLike[str],
+    rows: Sequence[Mapping[str, Any]],
+    fieldnames: Sequence[str],
+    extrasaction: Literal["raise", "ignore"] = "raise",
+    fsync: bool = True,
 ) -> Path:
     """Write a whole CSV table atomically (see :func:`csv_text`): readers see the old table or the new one."""
     return atomic_write_text(path, csv_text(rows, fieldnames, extrasaction), fsync=fsync)

@@ -136,7 +136,9 @@ def _report(path: Path, reason: str, skipped: list | None) -> None:
         skipped.append((str(path), reason))
 
 
-def list_input_files(folder: PathLike, recursive: bool = True, skipped: list | None = None, include_folders: bool = False) -> list[Path]:
+def list_input_files(
+    folder: PathLike, recursive: bool = True, skipped: list | None = None, include_folders: bool = False
+) -> list[Path]:
     """Regular files of ``folder`` (sorted; sub-folders too when ``recursive``), safely.
 
     Hidden names and OS clutter (:func:`is_ignored_name`) are left out silently. FIFOs, sockets, devices,
@@ -269,7 +271,9 @@ def check_output_dir(
                 "(they could replace input files, and a later run would read them as inputs); choose another folder"
             )
         if is_within(source, resolved):
-            raise OutputFolderError(f"input folder {source} is inside the output folder {out}; choose an output folder that does not contain it")
+            raise OutputFolderError(
+                f"input folder {source} is inside the output folder {out}; choose an output folder that does not contain it"
+            )
     if out.exists() and not out.is_dir():
         raise OutputFolderError(f"output {out} exists and is not a folder")
     if not (out.is_dir() and any(True for _ in out.iterdir())):

@@ -47,7 +47,9 @@ def _cached_series_slices(
         return json.loads(settings_path.read_text())["items"]
     series_items: list[dict[str, Any]] = []
     window = compute_intensity_window(series, percentiles)
-    for indices, images in iter_series_slices(series, batch_size, axis=axis, window=window, rgb=rgb, scratch_dir=scratch_dir):
+    for indices, images in iter_series_slices(
+        series, batch_size, axis=axis, window=window, rgb=rgb, scratch_dir=scratch_dir
+    ):
         for index, image in zip(indices.tolist(), images):
             if index % slice_step:
                 continue
@@ -122,14 +124,31 @@ def dicom_slice_datalist(
         series_folder = safe_child(cache_path, series.name)
         try:
             series_items = _cached_series_slices(
-                series, series_folder, cache_path, axis, slice_step, percentiles, rgb, foreground_level, overwrite, batch_size
+                series,
+                series_folder,
+                cache_path,
+                axis,
+                slice_step,
+                percentiles,
+                rgb,
+                foreground_level,
+                overwrite,
+                batch_size,
             )
         except Exception as error:
             logger.warning("series %s left out of the datalist: %s", series.name, error)
             continue
         items.extend(
-            {"image": entry["image"], "label": 0, "mask": None, "has_mask": False, "defect_type": "good",
-             "category": series.uid, "series_uid": series.uid, "slice_index": entry["slice_index"]}
+            {
+                "image": entry["image"],
+                "label": 0,
+                "mask": None,
+                "has_mask": False,
+                "defect_type": "good",
+                "category": series.uid,
+                "series_uid": series.uid,
+                "slice_index": entry["slice_index"],
+            }
             for entry in series_items
             if entry["foreground"] >= min_foreground_fraction
         )

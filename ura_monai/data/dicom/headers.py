@@ -290,7 +290,6 @@ def skip_reason(dataset: pydicom.Dataset, has_pixel_data: bool) -> str | None:
     return None
 
 
-
 # --------------------------------------------------------------------------------------------
 # geometry
 # --------------------------------------------------------------------------------------------
@@ -302,7 +301,6 @@ def slice_normal(orientation: Sequence[float]) -> np.ndarray:
     normal = np.cross(row_direction, column_direction)
     norm = np.linalg.norm(normal)
     return normal / norm if norm > 0 else np.array([0.0, 0.0, 1.0])
-
 
 
 def order_records(records: list[FrameRecord], normal: np.ndarray | None) -> list[FrameRecord]:
@@ -323,7 +321,9 @@ def split_repeated_positions(
     current: float | None = None
     for record in records:
         if record.ref.position is None:
-            raise ValueError(f"{record.ref.path}: frame without a position (split_repeated_positions needs every frame's)")
+            raise ValueError(
+                f"{record.ref.path}: frame without a position (split_repeated_positions needs every frame's)"
+            )
         distance = float(np.dot(normal, record.ref.position))
         if current is None or distance - current > _POSITION_TOLERANCE_MM:
             current = distance

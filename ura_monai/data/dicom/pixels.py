@@ -39,7 +39,6 @@ class DicomDecodeError(RuntimeError):
     """Pixel data could not be decoded; the message says which package to install when relevant."""
 
 
-
 def missing_decoder_message(transfer_syntax_uid: str) -> str | None:
     """A message naming the packages to install when no decoder is available, else ``None``."""
     try:
@@ -63,7 +62,6 @@ def _install_hint(missing_dependencies: Sequence[str]) -> str:
         if packages:
             commands.append("`pip install " + " ".join(packages) + "`")
     return "install one of: " + " or ".join(commands) if commands else "install a pydicom pixel data plugin"
-
 
 
 def _decode_error(error: Exception, ref: SliceRef) -> DicomDecodeError:
@@ -287,4 +285,3 @@ def iter_series_slices(
                 block = np.asarray(volume[:, :, start:stop]).transpose(2, 3, 0, 1)
             yield np.arange(start, stop, dtype=np.int64), np.ascontiguousarray(block)
         del volume
-

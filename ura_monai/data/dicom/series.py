@@ -155,4 +155,3 @@ class SeriesInfo:
             "has_geometry": self.has_geometry,
             "warnings": list(self.warnings),
         }
-

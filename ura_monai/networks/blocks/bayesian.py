@@ -27,7 +27,14 @@ class BayesianConv2d(nn.Module):
         init_sigma: initial posterior standard deviation.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, prior_sigma: float = 1.0, init_sigma: float = 1e-2) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 1,
+        prior_sigma: float = 1.0,
+        init_sigma: float = 1e-2,
+    ) -> None:
         super().__init__()
         self.padding = kernel_size // 2
         self.prior_sigma = prior_sigma

@@ -116,14 +116,18 @@ class FeatureAnomalySynthesis(nn.Module):
         super().__init__()
         bad = [m for m in mask_types if m not in MASK_TYPES] + [c for c in corruptions if c not in CORRUPTIONS]
         if bad or not mask_types or not corruptions:
-            raise ValueError(f"unknown or empty FASM options {bad}; masks from {MASK_TYPES}, corruptions from {CORRUPTIONS}")
+            raise ValueError(
+                f"unknown or empty FASM options {bad}; masks from {MASK_TYPES}, corruptions from {CORRUPTIONS}"
+            )
         self.mask_types = tuple(mask_types)
         self.corruptions = tuple(corruptions)
         self.area_range = tuple(area_range)
         self.noise_scale = tuple(noise_scale)
         self.probability = probability
 
-    def forward(self, features: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, features: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             features: clean features (B, C, h, w).

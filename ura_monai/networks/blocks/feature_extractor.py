@@ -22,12 +22,23 @@ __all__ = ["PretrainedFeatureExtractor", "BACKBONE_LEVELS", "LITE0_STAGE_OF_LEVE
 
 # level name -> channels, per backbone. Level names say the stride ("reduction_8" is 1/8 of the input).
 BACKBONE_LEVELS: dict[str, dict[str, int]] = {
-    "efficientnet_lite0": {"reduction_2": 16, "reduction_4": 24, "reduction_8": 40, "reduction_16": 112, "reduction_32": 320},
+    "efficientnet_lite0": {
+        "reduction_2": 16,
+        "reduction_4": 24,
+        "reduction_8": 40,
+        "reduction_16": 112,
+        "reduction_32": 320,
+    },
     "wide_resnet50_2": {"reduction_4": 256, "reduction_8": 512, "reduction_16": 1024, "reduction_32": 2048},
 }
 # Lite0 stage index (MONAI's EfficientNet._blocks) whose output is each level.
 LITE0_STAGE_OF_LEVEL = {"reduction_2": 0, "reduction_4": 1, "reduction_8": 2, "reduction_16": 4, "reduction_32": 6}
-_WRN_LAYER_OF_LEVEL = {"reduction_4": "layer1", "reduction_8": "layer2", "reduction_16": "layer3", "reduction_32": "layer4"}
+_WRN_LAYER_OF_LEVEL = {
+    "reduction_4": "layer1",
+    "reduction_8": "layer2",
+    "reduction_16": "layer3",
+    "reduction_32": "layer4",
+}
 _WRN_WEIGHT_FILES = ("wide_resnet50_2-95faca4d.pth", "wide_resnet50_2-9ba9bcbe.pth")
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -91,7 +102,9 @@ class PretrainedFeatureExtractor(nn.Module):
             raise ValueError(f"unknown backbone '{backbone}'; choose one of {sorted(BACKBONE_LEVELS)}")
         unknown = [lv for lv in levels if lv not in BACKBONE_LEVELS[backbone]]
         if unknown or not levels:
-            raise ValueError(f"levels {unknown or levels} not available for {backbone}; choose from {list(BACKBONE_LEVELS[backbone])}")
+            raise ValueError(
+                f"levels {unknown or levels} not available for {backbone}; choose from {list(BACKBONE_LEVELS[backbone])}"
+            )
         self.backbone_name = backbone
         # keep levels in network order so one forward pass collects them all
         order = list(BACKBONE_LEVELS[backbone])
@@ -151,10 +164,12 @@ class PretrainedFeatureExtractor(nn.Module):
         if features.ndim != 4 or features.shape[1] != self.out_channels:
             raise ValueError(f"expected features (N, {self.out_channels}, h, w), got {tuple(features.shape)}")
         tokens = features.transpose(0, 1).reshape(self.out_channels, -1).double()
-        factor = torch.cat([
-            torch.full((c,), 1.0 / part.var(dim=1).sum().clamp_min(1e-12).sqrt().item(), dtype=torch.float64)
-            for c, part in zip(self.level_channels, tokens.split(list(self.level_channels)))
-        ])
+        factor = torch.cat(
+            [
+                torch.full((c,), 1.0 / part.var(dim=1).sum().clamp_min(1e-12).sqrt().item(), dtype=torch.float64)
+                for c, part in zip(self.level_channels, tokens.split(list(self.level_channels)))
+            ]
+        )
         self.level_scale.mul_(factor.to(self.level_scale))
         return features * factor.to(features).view(1, -1, 1, 1)
 
@@ -212,7 +227,9 @@ class PretrainedFeatureExtractor(nn.Module):
             return feats
         size = (images.shape[-2] // self.feature_stride, images.shape[-1] // self.feature_stride)
         feats = [
-            f if f.shape[-2:] == size else F.interpolate(f, size=size, mode="bilinear", align_corners=False, antialias=f.shape[-1] > size[1])
+            f
+            if f.shape[-2:] == size
+            else F.interpolate(f, size=size, mode="bilinear", align_corners=False, antialias=f.shape[-1] > size[1])
             for f in feats
         ]
         return torch.cat(feats, dim=1)

@@ -34,7 +34,9 @@ class PositionalGaussian(nn.Module):
     mean: torch.Tensor
     whitening: torch.Tensor
 
-    def __init__(self, channels: int, grid_size: tuple[int, int], dim: int = 64, regularization: float = 0.01, seed: int = 0) -> None:
+    def __init__(
+        self, channels: int, grid_size: tuple[int, int], dim: int = 64, regularization: float = 0.01, seed: int = 0
+    ) -> None:
         super().__init__()
         self.channels, self.grid_size = channels, tuple(grid_size)
         self.dim = min(dim, channels)
@@ -52,7 +54,9 @@ class PositionalGaussian(nn.Module):
         """(B, C, h, w) -> (h*w, B, dim) projected features, position-major."""
         b, c, h, w = features.shape
         if (h, w) != self.grid_size or c != self.channels:
-            raise ValueError(f"features of shape {tuple(features.shape)} do not match the normal model's grid {self.grid_size} x {self.channels} channels")
+            raise ValueError(
+                f"features of shape {tuple(features.shape)} do not match the normal model's grid {self.grid_size} x {self.channels} channels"
+            )
         projected = torch.einsum("bchw,cd->hwbd", features, self.projection.to(features.dtype))
         return projected.reshape(h * w, b, self.dim)
 

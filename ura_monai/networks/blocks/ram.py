@@ -235,7 +235,9 @@ class RestorationAttention(nn.Module):
             raise ValueError(f"attention must be one of {RAM_ATTENTION_MODES}, got '{mode}'")
         return str(mode)
 
-    def forward(self, features: torch.Tensor, probability: torch.Tensor | None = None, uncertainty: torch.Tensor | None = None) -> RestorationOutput:
+    def forward(
+        self, features: torch.Tensor, probability: torch.Tensor | None = None, uncertainty: torch.Tensor | None = None
+    ) -> RestorationOutput:
         """
         Args:
             features: (B, C, h, w) input (possibly anomalous) features.
@@ -248,7 +250,9 @@ class RestorationAttention(nn.Module):
         else:
             b, c, h, w = features.shape
             tokens = features.flatten(2).transpose(1, 2)
-            restoration = self.restore_tokens(tokens, (h, w), probability, uncertainty).transpose(1, 2).reshape(b, c, h, w)
+            restoration = (
+                self.restore_tokens(tokens, (h, w), probability, uncertainty).transpose(1, 2).reshape(b, c, h, w)
+            )
         gate = torch.ones_like(features[:, :1]) if probability is None else probability
         restored = gate * restoration + (1.0 - gate) * features
         return RestorationOutput(restoration, restored)
@@ -281,7 +285,9 @@ class RestorationAttention(nn.Module):
             restoration = self._reference(tokens.transpose(1, 2).reshape(b, c, *hw), probability, uncertainty)
             return restoration.flatten(2).transpose(1, 2)
         if torch.is_grad_enabled() and self.prototypes.requires_grad:
-            raise RuntimeError(f"attention '{mode}' is for inference (no autograd): run it under torch.no_grad() or use 'reference'")
+            raise RuntimeError(
+                f"attention '{mode}' is for inference (no autograd): run it under torch.no_grad() or use 'reference'"
+            )
         blocks = block_elements or default_block_elements(tokens.device)
         with torch.autocast(tokens.device.type, enabled=False):  # dtypes are chosen explicitly
             inputs = self._attention_inputs(tokens, probability, uncertainty, compute_dtype or tokens.dtype)
@@ -290,7 +296,9 @@ class RestorationAttention(nn.Module):
             return self._chunked(inputs, hw, blocks)
 
     # ------------------------------------------------------------------ reference
-    def _reference(self, features: torch.Tensor, probability: torch.Tensor | None, uncertainty: torch.Tensor | None) -> torch.Tensor:
+    def _reference(
+        self, features: torch.Tensor, probability: torch.Tensor | None, uncertainty: torch.Tensor | None
+    ) -> torch.Tensor:
         """The restoration (B, C, h, w) with all logits (B, heads, N, N + K) in memory; differentiable."""
         b, c, h, w = features.shape
         n = h * w
@@ -316,7 +324,11 @@ class RestorationAttention(nn.Module):
             # prototypes only: an anomalous region is always close to itself in feature space, so a distance
             # term on the image's own positions would let it copy its anomalous neighbours whatever p says
             protos_b = values[:, n:]
-            sq = tokens.pow(2).sum(-1, keepdim=True) + protos_b.pow(2).sum(-1).unsqueeze(1) - 2 * torch.bmm(tokens, protos_b.transpose(1, 2))
+            sq = (
+                tokens.pow(2).sum(-1, keepdim=True)
+                + protos_b.pow(2).sum(-1).unsqueeze(1)
+                - 2 * torch.bmm(tokens, protos_b.transpose(1, 2))
+            )
             # relative to each query's nearest prototype: the term ranks prototypes among themselves and does not
             # shift the prototypes as a group against the image's context, however far the query is from normal
             sq = sq - sq.amin(dim=-1, keepdim=True)
@@ -329,7 +341,11 @@ class RestorationAttention(nn.Module):
 
     # ------------------------------------------------------------------ inference modes
     def _attention_inputs(
-        self, tokens: torch.Tensor, probability: torch.Tensor | None, uncertainty: torch.Tensor | None, dtype: torch.dtype
+        self,
+        tokens: torch.Tensor,
+        probability: torch.Tensor | None,
+        uncertainty: torch.Tensor | None,
+        dtype: torch.dtype,
     ) -> _AttentionInputs:
         b, n, _ = tokens.shape
         protos = self.prototypes.to(tokens.dtype).float()  # as the reference: prototypes in the features' dtype
@@ -356,7 +372,9 @@ class RestorationAttention(nn.Module):
         s = torch.matmul(x, protos.t()).mul_(2.0).sub_(protos.pow(2).sum(-1))
         return s.sub_(s.amax(dim=-1, keepdim=True)).mul_(inv_temperature)
 
-    def _sdpa_distance_mask(self, inputs: _AttentionInputs, hw: tuple[int, int], dtype: torch.dtype, block_elements: int) -> torch.Tensor:
+    def _sdpa_distance_mask(
+        self, inputs: _AttentionInputs, hw: tuple[int, int], dtype: torch.dtype, block_elements: int
+    ) -> torch.Tensor:
         """Per-image mask (B, 1, N, N + K): exclusion and trust on the image's positions, distances on the prototypes."""
         tokens, log_trust = inputs.tokens, inputs.log_trust
         b, n, _ = tokens.shape

@@ -99,7 +99,9 @@ class UncertaintyAnomalyPerception(nn.Module):
         logits = self.classifier(latent.reshape(b * t, d, h, w), sample=True).view(b, t, 1, h, w)
         probs = torch.sigmoid(logits)
         probability = probs.mean(dim=1)
-        uncertainty = (4.0 * probs.var(dim=1, unbiased=False)).clamp(0.0, 1.0) if t > 1 else torch.zeros_like(probability)
+        uncertainty = (
+            (4.0 * probs.var(dim=1, unbiased=False)).clamp(0.0, 1.0) if t > 1 else torch.zeros_like(probability)
+        )
         return PerceptionOutput(logits, probability, uncertainty, mean, logvar)
 
     def weight_kl(self) -> torch.Tensor:

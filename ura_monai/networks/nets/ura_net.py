@@ -121,7 +121,11 @@ class URANet(nn.Module):
     ) -> None:
         super().__init__()
         # everything needed to rebuild the network from a checkpoint
-        self.config: dict[str, Any] = {k: (list(v) if isinstance(v, (tuple, list)) else v) for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config: dict[str, Any] = {
+            k: (list(v) if isinstance(v, (tuple, list)) else v)
+            for k, v in locals().items()
+            if k not in ("self", "__class__")
+        }
         self.config["backbone_weights"] = None if backbone_weights is None else str(backbone_weights)
         if not (use_uiapm or use_ram):
             raise ValueError("URA-Net needs at least one of UIAPM (use_uiapm) and RAM (use_ram)")
@@ -149,12 +153,22 @@ class URANet(nn.Module):
         channels = self.feature_extractor.out_channels
         self.level_channels = self.feature_extractor.level_channels
         self.fasm = (
-            FeatureAnomalySynthesis(fasm_mask_types, fasm_corruptions, tuple(fasm_area_range), tuple(fasm_noise_scale), fasm_probability)
+            FeatureAnomalySynthesis(
+                fasm_mask_types, fasm_corruptions, tuple(fasm_area_range), tuple(fasm_noise_scale), fasm_probability
+            )
             if use_fasm
             else None
         )
-        self.uiapm = UncertaintyAnomalyPerception(channels, perception_hidden, latent_channels, num_samples) if use_uiapm else None
-        self.ram = RestorationAttention(channels, num_prototypes, embed_dim, num_heads, exclude_radius, distance_attention) if use_ram else None
+        self.uiapm = (
+            UncertaintyAnomalyPerception(channels, perception_hidden, latent_channels, num_samples)
+            if use_uiapm
+            else None
+        )
+        self.ram = (
+            RestorationAttention(channels, num_prototypes, embed_dim, num_heads, exclude_radius, distance_attention)
+            if use_ram
+            else None
+        )
         grid = (image_size // feature_stride, image_size // feature_stride)
         self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
         # mean and std of the memory and position distances on normal features no statistic saw (cross-fitted)
@@ -165,7 +179,11 @@ class URANet(nn.Module):
 
     # ------------------------------------------------------------------ features -> URA-Net
     def forward_features(
-        self, features: torch.Tensor, synthesize: bool = False, num_samples: int | None = None, generator: torch.Generator | None = None
+        self,
+        features: torch.Tensor,
+        synthesize: bool = False,
+        num_samples: int | None = None,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
         """Run FASM (when ``synthesize``), UIAPM and RAM on backbone features.
 
@@ -283,7 +301,9 @@ class URANet(nn.Module):
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict without the frozen backbone (rebuilt from its weights file on load); the extractor's
         ``level_scale``, a statistic of the training data, is kept."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("feature_extractor.") or k == LEVEL_SCALE_KEY}
+        return {
+            k: v for k, v in self.state_dict().items() if not k.startswith("feature_extractor.") or k == LEVEL_SCALE_KEY
+        }
 
     def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
         """Load a ``trainable_state_dict`` (non-strict) and return its ``(missing, unexpected)`` keys, where the
@@ -305,12 +325,16 @@ class URANet(nn.Module):
             if self.ram is not None:
                 memory, position = self.cross_fitted_distances(features, generator=generator)
                 self.map_calibration.copy_(
-                    torch.stack([memory.mean(), memory.std(), position.mean(), position.std()]).clamp_min(1e-6).to(self.map_calibration)
+                    torch.stack([memory.mean(), memory.std(), position.mean(), position.std()])
+                    .clamp_min(1e-6)
+                    .to(self.map_calibration)
                 )
         return features
 
     @torch.no_grad()
-    def cross_fitted_grid_maps(self, features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    def cross_fitted_grid_maps(
+        self, features: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor | None:
         """The model's normal-model map (``memory``, ``position`` or ``fused``) of normal training ``features``,
         cross-fitted (see :meth:`cross_fitted_distances`): scores a new normal image would get, for thresholds.
         None for other map sources or without the position model."""
