@@ -11,8 +11,8 @@ import torch
 from monai.data import MetaTensor
 from PIL import Image
 
-from ura_monai.inference import writers
-from ura_monai.inference.writers import (
+from ura_monai.data import writers
+from ura_monai.data.writers import (
     output_path_for,
     save_array,
     save_map_figure,

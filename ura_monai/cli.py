@@ -394,7 +394,7 @@ def _save_map_figures(predictor: Any, per_image: list[dict[str, Any]], maps_dir:
     import torch
 
     from ura_monai.data import load_image_tensor
-    from ura_monai.inference.writers import save_map_figure
+    from ura_monai.data.writers import save_map_figure
 
     if not per_image:
         return []

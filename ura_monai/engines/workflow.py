@@ -610,7 +610,7 @@ def test(
     result["test_images_per_second"] = round(len(per_image) / seconds, 3) if seconds > 0 else math.nan
     rows = [{k: v for k, v in r.items() if not k.endswith("_map")} for r in per_image]
     if output_dir is not None:
-        from ura_monai.inference.writers import save_roc_curve_png, write_csv
+        from ura_monai.data.writers import save_roc_curve_png, write_csv
 
         output_dir = mark_output_dir(output_dir, "test")
         atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2))

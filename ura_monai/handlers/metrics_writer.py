@@ -70,7 +70,7 @@ class AnomalyMetricsWriter:
         """Write the files; returns the path of ``metrics.json`` (None on ranks other than 0)."""
         if not is_rank0():
             return None
-        from ura_monai.inference.writers import save_roc_curve_png, write_csv
+        from ura_monai.data.writers import save_roc_curve_png, write_csv
 
         metrics: dict[str, Any] = {}
         undefined = []

@@ -2,11 +2,11 @@
 
 :func:`predict_files` runs a predictor (:class:`ura_monai.inference.predictor.URANetPredictor`) over image files,
 batch by batch, and writes per image a heatmap overlay, the raw maps at the file's own size and an uncertainty
-picture (:func:`ura_monai.inference.writers.save_prediction_files`), and one ``scores.csv`` for the run.
+picture (:func:`ura_monai.data.writers.save_prediction_files`), and one ``scores.csv`` for the run.
 
 A file that cannot be read (corrupt, not an image) gets a row with its error in ``scores.csv`` and the run goes
 on. ``scores.csv`` is rewritten atomically after every batch, so an interrupted run keeps what it finished.
-Outputs are named after their inputs by :func:`ura_monai.inference.writers.output_path_for` and never replace
+Outputs are named after their inputs by :func:`ura_monai.data.writers.output_path_for` and never replace
 an input file.
 """
 
@@ -23,8 +23,8 @@ import torch
 
 from ura_monai.data.image_files import image_extension_reason
 from ura_monai.data.transforms import LoadAnomalyImage, ResizeAnomaly
+from ura_monai.data.writers import output_path_for, save_prediction_files, write_csv
 from ura_monai.inference.predictor import resize_maps
-from ura_monai.inference.writers import output_path_for, save_prediction_files, write_csv
 from ura_monai.utils.paths import claim_output_dir, list_input_files, special_file_reason
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ attributes this is the :class:`ura_monai.inference.dicom_inference.SlicePredicto
 
 The drivers over inputs live beside it: :mod:`ura_monai.inference.image_inference` (image files;
 :meth:`URANetPredictor.predict_files` calls it) and :mod:`ura_monai.inference.dicom_inference` (DICOM series);
-their writers in :mod:`ura_monai.inference.writers` and :mod:`ura_monai.inference.dicom_writers`.
+their writers in :mod:`ura_monai.data.writers` and :mod:`ura_monai.inference.dicom_writers`.
 """
 
 from __future__ import annotations

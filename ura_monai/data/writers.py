@@ -1,4 +1,4 @@
-"""Writers for inference results: PNG overlays, raw maps, CSV tables and figures.
+"""Writers for results: PNG overlays, raw maps, CSV tables and figures (for inference, `test` and the bundle handlers).
 
 Every file goes through :func:`ura_monai.utils.fileio.atomic_path` (temporary sibling + ``os.replace``), so an
 interrupted run leaves either the previous file or the complete new one. Figures use matplotlib's Agg canvas
