@@ -29,24 +29,14 @@ from ura_monai.data import build_datalist
 from ura_monai.engines.features import extract_feature_bank
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.workflow import compute_thresholds, fit, run_inference, split_normal_validation
-from ura_monai.metrics import AnomalyDetectionMetric
+from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
 from ura_monai.utils.enums import AugmentView, Backbone, Layout, ScoreMode
 
-METRIC_KEYS = (
-    "image_auroc",
-    "pixel_auroc",
-    "aupro",
-    "f1_max",
-    "pixel_ap",
-    "pixel_f1_max",
-    "uncertainty_error_auroc",
-    "normal_fpr",
-    "anomalous_tpr",
-)
+METRIC_KEYS = ANOMALY_METRIC_NAMES  # every figure the package's metric computes
 # the default map is the model's own (URANet's anomaly_map_source default); these are the others, same trained model
 MAP_VARIANTS = ("memory", "position", "fused", "restoration", "restored", "perception")
 ABLATIONS = {
