@@ -26,9 +26,10 @@ import time
 import torch
 
 from ura_monai.data import build_datalist
+from ura_monai.engines.evaluation import compute_thresholds, run_inference
 from ura_monai.engines.features import extract_feature_bank
 from ura_monai.engines.loaders import image_loader
-from ura_monai.engines.workflow import compute_thresholds, fit, run_inference, split_normal_validation
+from ura_monai.engines.workflow import fit, split_normal_validation
 from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor

@@ -433,13 +433,13 @@ def test_wrong_size_and_non_binary_masks(tmp_path, capsys):
     with pytest.warns(UserWarning, match="is not binary"):
         anomaly_transforms(SIZE)(item)
     # the transform chain's error, if it is reached, is the cause, not "applying transform <object at 0x..>"
-    from ura_monai.cli import _one_line, _root_cause
+    from ura_monai.cli import one_line, root_cause
 
     bad = {"image": items[0]["image"], "mask": str(masks[0]), "label": 1}
     with pytest.raises(Exception) as info:
         anomaly_transforms(SIZE)(bad)
     assert "applying transform" in str(info.value)
-    message = _one_line(_root_cause(info.value))
+    message = one_line(root_cause(info.value))
     assert "0x" not in message and str(masks[0]) in message and "has size 32x64" in message
 
 

@@ -120,3 +120,18 @@ def test_import_reader_resolves_relative_and_nested_imports(tmp_path, monkeypatc
     path = REPO / "ura_monai" / "networks" / "nets" / "x.py"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source)
     assert _imports(path) == expected
+
+
+def test_files_and_functions_stay_small():
+    """Issue 12's limits: no module of the package over 600 lines, no function over 80 (complexity is ruff's C901)."""
+    too_long = []
+    for path in _sources():
+        source = path.read_text()
+        if source.count("\n") > 600:
+            too_long.append(f"{path.relative_to(REPO)}: {source.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 80:
+                too_long.append(
+                    f"{path.relative_to(REPO)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+                )
+    assert not too_long, too_long

@@ -13,9 +13,9 @@ from skimage import data as skdata
 from torch.distributions import Normal, kl_divergence
 
 from ura_monai.data import make_demo_dataset, mvtec_datalist
+from ura_monai.engines.evaluation import test as evaluate
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.engines.workflow import fit
-from ura_monai.engines.workflow import test as evaluate
 from ura_monai.losses.ura_loss import URANetLoss, gaussian_kl
 from ura_monai.networks.blocks.bayesian import BayesianConv2d
 from ura_monai.networks.blocks.fasm import FeatureAnomalySynthesis, sample_region_masks

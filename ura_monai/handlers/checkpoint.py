@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from ura_monai.engines.workflow import compute_thresholds
+from ura_monai.engines.evaluation import compute_thresholds
 from ura_monai.networks.checkpoint import load_into, read_checkpoint, save_checkpoint
 from ura_monai.utils.distributed import is_rank0, unwrap
 

@@ -123,33 +123,14 @@ def dicom_slice_datalist(
             continue
         series_folder = safe_child(cache_path, series.name)
         try:
-            series_items = _cached_series_slices(
-                series,
-                series_folder,
-                cache_path,
-                axis,
-                slice_step,
-                percentiles,
-                rgb,
-                foreground_level,
-                overwrite,
-                batch_size,
-            )
+            series_items = _cached_series_slices(series, series_folder, cache_path, axis, slice_step, percentiles, rgb,
+                                                 foreground_level, overwrite, batch_size)  # fmt: skip
         except Exception as error:
             logger.warning("series %s left out of the datalist: %s", series.name, error)
             continue
-        items.extend(
-            {
-                "image": entry["image"],
-                "label": 0,
-                "mask": None,
-                "has_mask": False,
-                "defect_type": "good",
-                "category": series.uid,
-                "series_uid": series.uid,
-                "slice_index": entry["slice_index"],
-            }
-            for entry in series_items
-            if entry["foreground"] >= min_foreground_fraction
-        )
+        # fmt: off
+        items.extend({"image": entry["image"], "label": 0, "mask": None, "has_mask": False, "defect_type": "good",
+                      "category": series.uid, "series_uid": series.uid, "slice_index": entry["slice_index"]}
+                     for entry in series_items if entry["foreground"] >= min_foreground_fraction)
+        # fmt: on
     return items

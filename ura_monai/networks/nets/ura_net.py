@@ -28,6 +28,22 @@ NORMAL_MODEL_SOURCES = ("memory", "position", "fused", "prototype")
 RESIDUALS = Residual.choices()
 
 
+def _checked_map_source(source: str, use_uiapm: bool, use_ram: bool, position_model: bool) -> str:
+    """The anomaly map source a URANet with these switches uses (``prototype`` is ``memory``'s older name; without
+    the RAM the map is the perception probability), or ValueError for an impossible combination."""
+    if not (use_uiapm or use_ram):
+        raise ValueError("URA-Net needs at least one of UIAPM (use_uiapm) and RAM (use_ram)")
+    if source not in MAP_SOURCES:
+        raise ValueError(f"anomaly_map_source must be one of {MAP_SOURCES}, got '{source}'")
+    if source in ("position", "fused") and not position_model:
+        raise ValueError(f"anomaly_map_source='{source}' needs position_model=True")
+    if not use_ram:
+        return "perception"
+    if source == "perception" and not use_uiapm:
+        raise ValueError("anomaly_map_source='perception' needs use_uiapm=True")
+    return "memory" if source == "prototype" else source
+
+
 class URANet(nn.Module):
     """URA-Net for unsupervised anomaly detection, following
     `URA-Net: Uncertainty-Integrated Anomaly Perception and Restoration Attention Network for Unsupervised
@@ -127,19 +143,7 @@ class URANet(nn.Module):
             if k not in ("self", "__class__")
         }
         self.config["backbone_weights"] = None if backbone_weights is None else str(backbone_weights)
-        if not (use_uiapm or use_ram):
-            raise ValueError("URA-Net needs at least one of UIAPM (use_uiapm) and RAM (use_ram)")
-        if anomaly_map_source not in MAP_SOURCES:
-            raise ValueError(f"anomaly_map_source must be one of {MAP_SOURCES}, got '{anomaly_map_source}'")
-        if anomaly_map_source in ("position", "fused") and not position_model:
-            raise ValueError(f"anomaly_map_source='{anomaly_map_source}' needs position_model=True")
-        if anomaly_map_source == "prototype":
-            anomaly_map_source = "memory"
-        if not use_ram:
-            anomaly_map_source = "perception"
-        elif anomaly_map_source == "perception" and not use_uiapm:
-            raise ValueError("anomaly_map_source='perception' needs use_uiapm=True")
-        self.anomaly_map_source = anomaly_map_source
+        self.anomaly_map_source = _checked_map_source(anomaly_map_source, use_uiapm, use_ram, position_model)
         if residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got '{residual}'")
         self.residual = residual

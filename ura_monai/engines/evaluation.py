@@ -1,0 +1,208 @@
+"""Inference over a datalist with the URA-Net evaluator, thresholds from normal data, and ``test`` (metrics,
+per-image table, ROC curve): the evaluation side of the engines; :mod:`.workflow` is the training side."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from ignite.engine import Events
+from ignite.handlers.tqdm_logger import ProgressBar
+
+from ura_monai.engines.evaluator import URANetEvaluator
+from ura_monai.engines.loaders import image_loader
+from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
+from ura_monai.networks.blocks.anomaly_map import image_score
+from ura_monai.networks.checkpoint import load_checkpoint
+from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.transforms.thresholds import normal_postprocessing_stats
+from ura_monai.utils.distributed import unwrap
+from ura_monai.utils.fileio import atomic_write_text
+from ura_monai.utils.paths import mark_output_dir
+
+__all__ = ["run_inference", "compute_thresholds", "test"]
+
+logger = logging.getLogger("ura_monai")
+
+
+def run_inference(
+    model: URANet,
+    items: Sequence[dict],
+    image_size: int,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    num_samples: int | None = None,
+    amp: bool = False,
+    progress: bool = True,
+    metric: AnomalyDetectionMetric | None = None,
+    channels: int | None = None,
+    warn_conversion: bool = False,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Run a ``URANetEvaluator`` over ``items``.
+
+    Returns:
+        ``(metrics, per_image)``: the metric dict (empty without ``metric``) and, per image, its path, label,
+        defect type and score, with the (B, 1, H, W) maps under ``"anomaly_map"``/``"uncertainty_map"``.
+    """
+    device = torch.device(device)
+    evaluator = URANetEvaluator(
+        device=device,
+        val_data_loader=image_loader(items, image_size, batch_size, num_workers, channels, warn_conversion),
+        network=model.to(device),
+        num_samples=num_samples,
+        amp=amp,
+    )
+    if metric is not None:  # attached directly: MONAI registers extra metrics only beside a key metric
+        metric.attach(evaluator, "anomaly")
+    per_image: list[dict[str, Any]] = []
+
+    @evaluator.on(Events.ITERATION_COMPLETED)
+    def _collect(engine):
+        out = engine.state.output
+        for i in range(out["pred_score"].shape[0]):
+            per_image.append(
+                {
+                    "image_path": out["image_path"][i],
+                    "label": int(out["label"][i]),
+                    "defect_type": out["defect_type"][i] if "defect_type" in out else "",
+                    "pred_score": float(out["pred_score"][i]),
+                    "anomaly_map": out["anomaly_map"][i],
+                    "uncertainty_map": out["uncertainty_map"][i],
+                }
+            )
+
+    if progress:
+        ProgressBar(desc="inference", persist=False).attach(evaluator)
+    evaluator.run()
+    metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if not isinstance(v, dict)}
+    return metrics, per_image
+
+
+def compute_thresholds(
+    network: torch.nn.Module,
+    data: Sequence[dict[str, Any]],
+    image_size: int,
+    channels: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    amp: bool = False,
+    training_features: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Image and pixel thresholds from normal data (``normal_postprocessing_stats`` of their scores and maps): the
+    held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the
+    cached ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each
+    block scored by normal models fitted without it), so that the thresholds rest on every normal image instead
+    of a handful. ``network`` may be DDP-wrapped; its train/eval mode is restored."""
+    model = cast(URANet, unwrap(network))
+    was_training = model.training
+    _, outputs = run_inference(
+        model,
+        data,
+        image_size,
+        batch_size,
+        device,
+        num_workers,
+        num_samples=0,
+        amp=amp,
+        progress=False,
+        channels=channels,
+    )
+    model.train(was_training)
+    scores = [float(o["pred_score"]) for o in outputs]
+    maps = [torch.stack([o["anomaly_map"] for o in outputs]).float().cpu()] if outputs else []
+    grid = (
+        None
+        if training_features is None
+        else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device))
+    )
+    if grid is not None:
+        for part in grid.split(32):
+            part_maps = model.map_generator(part, (image_size, image_size))
+            scores += image_score(part_maps, model.score_mode, model.top_k).tolist()
+            maps.append(part_maps.float().cpu())
+    return normal_postprocessing_stats(scores, torch.cat(maps) if maps else None)
+
+
+def test(
+    checkpoint: str | Path | URANet,
+    test_items: Sequence[dict],
+    output_dir: str | Path | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    num_samples: int | None = None,
+    amp: bool = False,
+    progress: bool = True,
+    image_size: int | None = None,
+    image_threshold: float | None = None,
+    channels: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a checkpoint (or model) on labelled test items.
+
+    Images are converted to the model's channel count (``channels``, else the checkpoint's, else RGB), with a
+    warning naming each converted file when the count is known.
+
+    Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score)
+    and ``roc_curve.png``.
+
+    Args:
+        num_samples: perception passes for the uncertainty map (default None: the model's setting); 0 is
+            faster (map and score only) but the uncertainty is then zero and ``uncertainty_error_auroc`` NaN.
+        image_threshold: image threshold for ``normal_fpr`` / ``anomalous_tpr``; defaults to the checkpoint's
+            stored ``postprocessing["image_threshold"]`` (none when a model is given: the rates are NaN).
+
+    Returns:
+        dict with the metric values of ``ANOMALY_METRIC_NAMES`` (``image_auroc``, ``pixel_auroc``, ``aupro``,
+        ``f1_max``, ``pixel_ap``, ``pixel_f1_max``, ``uncertainty_error_auroc``, ``normal_fpr``,
+        ``anomalous_tpr``; NaN where undefined), ``image_threshold``, ``test_images``,
+        ``test_images_per_second`` and ``per_image``.
+    """
+    if isinstance(checkpoint, URANet):
+        model = checkpoint.eval()
+    else:
+        model, loaded = load_checkpoint(checkpoint, device)
+        channels = channels or loaded.get("extra", {}).get("channels")
+        if image_threshold is None:
+            image_threshold = (loaded.get("postprocessing") or {}).get("image_threshold")
+    size = image_size or model.config["image_size"]
+    start = time.perf_counter()
+    # one channel count per run, so grey and colour test images batch; the network repeats grey to RGB anyway
+    metrics, per_image = run_inference(
+        model,
+        test_items,
+        size,
+        batch_size,
+        device,
+        num_workers,
+        num_samples,
+        amp,
+        progress,
+        metric=AnomalyDetectionMetric(image_threshold=image_threshold),
+        channels=channels or 3,
+        warn_conversion=channels is not None,
+    )
+    seconds = time.perf_counter() - start
+    result: dict[str, Any] = {k: metrics.get(k, math.nan) for k in ANOMALY_METRIC_NAMES}
+    result["image_threshold"] = image_threshold
+    result["test_images"] = len(per_image)
+    result["test_images_per_second"] = round(len(per_image) / seconds, 3) if seconds > 0 else math.nan
+    rows = [{k: v for k, v in r.items() if not k.endswith("_map")} for r in per_image]
+    if output_dir is not None:
+        from ura_monai.data.writers import save_roc_curve_png, write_csv
+
+        output_dir = mark_output_dir(output_dir, "test")
+        atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2))
+        write_csv(output_dir / "per_image.csv", rows)
+        labels = [r["label"] for r in rows]
+        if 0 < sum(labels) < len(labels):
+            save_roc_curve_png(output_dir / "roc_curve.png", [r["pred_score"] for r in rows], labels, title="image ROC")
+    result["per_image"] = per_image
+    return result
