@@ -54,7 +54,10 @@ class URANet(nn.Module):
         image -> frozen CNN features F -> [FASM, training only] -> F'
               -> UIAPM(F') -> anomaly probability p, uncertainty u
               -> RAM(F', p, u) -> restoration R (from normal context and prototypes), restored p*R + (1-p)*F'
-              -> residual 1 - cos(F, R) per level -> upsampled, Gaussian-smoothed anomaly map -> image score
+              -> default map: w * z(distance to the nearest normal prototype) + (1 - w) * z(Mahalanobis distance to
+                 the normal Gaussian at the same position), z = standardized on cross-fitted normal distances
+                 (other sources: the residual to R, the restored features, or p)
+              -> upsampled, Gaussian-smoothed anomaly map -> image score
 
     Args:
         backbone: ``"efficientnet_lite0"`` (offline ImageNet weights) or ``"wide_resnet50_2"`` (torchvision).
