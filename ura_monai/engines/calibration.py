@@ -57,7 +57,7 @@ def select_fusion_weight(
     target = torch.cat([torch.zeros(normal_features.shape[0], 1, *grid, dtype=torch.bool), cells.cpu()])
     scores = {}
     for weight in weights:
-        fused = (weight * memory + (1.0 - weight) * position).cpu()
+        fused = model.fuse(memory, position, float(weight)).cpu()
         scores[float(weight)] = average_precision(fused.flatten(), target.flatten()) if target.any() else float("nan")
     best = max(scores, key=lambda w: (scores[w], -w)) if target.any() else 0.5
     model.fusion_weight.fill_(best)

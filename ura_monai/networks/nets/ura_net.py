@@ -242,14 +242,18 @@ class URANet(nn.Module):
         """Memory and position distances (B, 1, h, w) each standardized by its cross-fitted normal statistics."""
         if self.position_model is None or self.ram is None:
             raise ValueError("standardized distances need the RAM's memory and the position model")
-        mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
-        memory = (self.ram.prototype_distance(features) - mem_mean) / mem_std
-        return memory, (self.position_model(features) - pos_mean) / pos_std
+        return self.standardize(self.ram.prototype_distance(features), self.position_model(features))
 
-    def fuse(self, memory: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """The fused map from standardized distances: ``w * memory + (1 - w) * position``, ``w = fusion_weight``."""
-        weight = self.fusion_weight.to(memory.dtype)
-        return weight * memory + (1.0 - weight) * position
+    def standardize(self, memory: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory and position distances standardized by their cross-fitted normal statistics (``map_calibration``)."""
+        mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(memory.dtype)
+        return (memory - mem_mean) / mem_std, (position - pos_mean) / pos_std
+
+    def fuse(self, memory: torch.Tensor, position: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """The fused map from standardized distances: ``w * memory + (1 - w) * position``, ``w = weight`` or, by
+        default, the model's ``fusion_weight``."""
+        w = self.fusion_weight.to(memory.dtype) if weight is None else weight
+        return w * memory + (1.0 - w) * position
 
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
@@ -352,8 +356,7 @@ class URANet(nn.Module):
             return memory
         if self.anomaly_map_source == "position":
             return position
-        mem_mean, mem_std, pos_mean, pos_std = self.map_calibration.to(features.dtype)
-        return self.fuse((memory - mem_mean) / mem_std, (position - pos_mean) / pos_std)
+        return self.fuse(*self.standardize(memory, position))
 
     @torch.no_grad()
     def cross_fitted_distances(
