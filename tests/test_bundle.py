@@ -585,6 +585,9 @@ def test_export_wrapper_is_deterministic_batch_invariant_and_matches_uranet():
 
     torch.manual_seed(0)
     net = URANet(image_size=SIZE, num_prototypes=16, num_samples=3).eval()
+    with torch.no_grad():  # as after fit: normal statistics, and a perception head moved from its zero start
+        net.fit_normal_statistics(net.feature_extractor(torch.rand(8, 3, SIZE, SIZE)))
+        torch.nn.init.normal_(net.uiapm.classifier.weight_mu)
     images = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         plain = net(images, num_samples=0)

@@ -467,9 +467,12 @@ def test_ram_attention_mode_errors():
 # ------------------------------------------------------------------------------------------------- loss
 
 
-def test_training_steps_lower_the_loss():
+@pytest.mark.parametrize("perception_input", ["features", "signals"])
+def test_training_steps_lower_the_loss(perception_input):
+    # the main loop trains the RAM, and the perception module when it reads features (the signal perception has
+    # its own stage, engines/perception.py)
     torch.manual_seed(0)
-    model = URANet(image_size=64, **SMALL)
+    model = URANet(image_size=64, **SMALL, perception_input=perception_input)
     with torch.no_grad():
         bank = model.feature_extractor(brick_images(16, 64))
     model.init_prototypes(bank, torch.Generator().manual_seed(0))
@@ -482,7 +485,8 @@ def test_training_steps_lower_the_loss():
         batch = bank[torch.randperm(bank.shape[0], generator=generator)[:8]]
         outputs = model.forward_features(batch, synthesize=True, generator=generator)
         terms = loss_function(outputs, model)
-        assert set(terms) == {"restored", "restoration", "focal", "dice", "kl", "weight_kl", "loss"}
+        perception_terms = {"focal", "dice", "kl", "weight_kl"} if perception_input == "features" else set()
+        assert set(terms) == {"restored", "restoration", "loss"} | perception_terms
         torch.testing.assert_close(terms["loss"], sum(v for k, v in terms.items() if k != "loss"))
         optimizer.zero_grad()
         terms["loss"].backward()
@@ -502,8 +506,11 @@ def test_training_steps_lower_the_loss():
     ids=["full", "no_fasm", "no_uiapm", "no_ram", "no_fasm_no_ram"],
 )
 def test_ablations_train_and_infer(switches):
+    # the main loop's ablations, with the perception module on features so that every module trains here
     torch.manual_seed(0)
-    model = URANet(image_size=64, pretrained=False, **SMALL, **switches)
+    model = URANet(
+        image_size=64, pretrained=False, **SMALL, perception_input="features", anomaly_map_source="fused", **switches
+    )
     assert (model.fasm is None) == (switches.get("use_fasm") is False)
     assert (model.uiapm is None) == (switches.get("use_uiapm") is False)
     assert (model.ram is None) == (switches.get("use_ram") is False)
@@ -546,7 +553,18 @@ def test_ablation_without_uiapm_and_ram_is_rejected():
     with pytest.raises(ValueError, match="at least one"):
         URANet(image_size=64, pretrained=False, use_uiapm=False, use_ram=False)
     with pytest.raises(ValueError, match="perception"):
-        URANet(image_size=64, pretrained=False, use_uiapm=False, anomaly_map_source="perception")
+        URANet(
+            image_size=64,
+            pretrained=False,
+            use_uiapm=False,
+            anomaly_map_source="perception",
+            perception_input="features",
+        )
+    # without UIAPM the signal perception's map is the fused map it would correct
+    assert URANet(image_size=64, pretrained=False, use_uiapm=False).anomaly_map_source == "fused"
+    assert URANet(image_size=64, pretrained=False, use_uiapm=False, position_model=False).anomaly_map_source == "memory"
+    with pytest.raises(ValueError, match="position_model"):
+        URANet(image_size=64, pretrained=False, use_ram=False, position_model=False)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints

@@ -107,10 +107,11 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--map-source",
         choices=MapSource.choices(),
-        default="fused",
-        help="anomaly map: the calibrated sum (fused, default) of the distance to the nearest normal prototype "
-        "(memory: fastest) and to the normal Gaussian at the same position (position: aligned parts), or the RAM's "
-        "attention restoration (restoration: about 3x slower on CPU); see docs/benchmarks.md",
+        default="perception",
+        help="anomaly map: the perception module's logit (perception, default), which corrects the calibrated "
+        "sum (fused) of the distance to the nearest normal prototype (memory: fastest) and to the normal Gaussian "
+        "at the same position (position: aligned parts); or the RAM's attention restoration (restoration: about "
+        "3x slower on CPU); see docs/benchmarks.md",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")

@@ -29,6 +29,7 @@ __all__ = [
     "augmented_views",
     "broadcast_from_rank0_",
     "extract_feature_bank",
+    "first_view_rows",
     "fit_normal_statistics",
 ]
 
@@ -56,6 +57,13 @@ def augmented_views(images: torch.Tensor, mode: str = "none") -> list[torch.Tens
         rotated = torch.rot90(images, k, dims=(-2, -1))
         views += [rotated, rotated.flip(-1)]
     return views
+
+
+def first_view_rows(num_images: int, views: int, batch_size: int) -> torch.Tensor:
+    """Row of each image's first view in a bank from :func:`extract_feature_bank` (which appends, batch after
+    batch, every view of the batch in turn)."""
+    index = torch.arange(num_images)
+    return (index // batch_size) * batch_size * views + index % batch_size
 
 
 @torch.no_grad()

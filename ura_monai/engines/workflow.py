@@ -16,7 +16,14 @@ from monai.utils import set_determinism
 
 from ura_monai.engines.calibration import fusion_weight_from_items
 from ura_monai.engines.evaluation import compute_thresholds
-from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
+from ura_monai.engines.features import (
+    FeatureBankDataset,
+    FeatureCacheDataset,
+    first_view_rows,
+    fit_normal_statistics,
+)
+from ura_monai.engines.loaders import image_loader
+from ura_monai.engines.perception import train_perception
 from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.losses.ura_loss import URANetLoss
@@ -176,12 +183,14 @@ def fit(
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
                     tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
-    postprocessing, fusion_scores = _calibrate(model, fit_items, val_items, dataset.bank, image_size, channels,
-                                               batch_size, device, num_workers, amp, seed)
+    postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset.bank, image_size,
+                                                           channels, batch_size, device, num_workers, amp, seed,
+                                                           progress)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment,
              "batch_size": batch_size, "learning_rate": learning_rate, "train_images": len(fit_items),
              "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2),
-             "fusion_scores": None if fusion_scores is None else {f"{k:g}": round(v, 4) for k, v in fusion_scores.items()}}
+             "fusion_scores": None if fusion_scores is None else {f"{k:g}": round(v, 4) for k, v in fusion_scores.items()},
+             "perception_training": perception}
     checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
     logger.info("wrote %s", checkpoint)
     return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"],
@@ -222,22 +231,48 @@ def _calibrate(
     num_workers: int,
     amp: bool,
     seed: int,
-) -> tuple[dict[str, float], dict[float, float] | None]:
-    """``(thresholds, fusion weight scores)`` after training.
+    progress: bool = False,
+) -> tuple[dict[str, float], dict[float, float] | None, dict[str, Any]]:
+    """``(thresholds, fusion weight scores, perception training summary)`` after training.
 
     The fused map's weight is chosen on FASM's image-level synthetic defects painted into the held-out normal
     images (unseen by the normal models); it stays 0.5 without FASM or when too few images were held out. The
-    thresholds come from normal data, with the uncertainty passes off (they do not change the map)."""
+    signal perception is then trained on synthetic defects painted into the training images (cross-fitted
+    signals; ``engines/perception.py``). The thresholds come from normal data, with the uncertainty passes off
+    (they do not change the map)."""
     fusion_scores = None
-    if val_items is not fit_items and model.anomaly_map_source == "fused" and model.fasm is not None:
-        was_training = model.training
-        fusion_scores = fusion_weight_from_items(
-            model.eval(), val_items, image_size, channels, batch_size, device, seed
-        )
-        model.train(was_training)
+    was_training = model.training
+    model.eval()
+    signal_map = model.anomaly_map_source == "perception" and model.perception_input == "signals"
+    if val_items is not fit_items and (model.anomaly_map_source == "fused" or signal_map) and model.fasm is not None:
+        fusion_scores = fusion_weight_from_items(model, val_items, image_size, channels, batch_size, device, seed)
+    perception = _train_signal_perception(model, fit_items, bank, image_size, channels, batch_size, seed, progress)
+    model.train(was_training)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
                                         device=device, num_workers=num_workers, amp=amp, training_features=bank)  # fmt: skip
-    return postprocessing, fusion_scores
+    return postprocessing, fusion_scores, perception
+
+
+def _train_signal_perception(
+    model: URANet,
+    fit_items: Sequence[dict],
+    bank: torch.Tensor,
+    image_size: int,
+    channels: int,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """Train the signal perception on synthetic defects in the training images (``{}`` when the model has none)."""
+    if model.uiapm is None or model.perception_input != "signals" or model.fasm is None:
+        return {}
+    images = torch.cat([b["image"] for b in image_loader(fit_items, image_size, batch_size, 0, channels)])
+    views = bank.shape[0] // max(1, len(images))
+    if views < 1 or bank.shape[0] != views * len(images):
+        logger.warning("the feature cache does not match the training images; the perception stays untrained")
+        return {}
+    rows = first_view_rows(len(images), views, batch_size)
+    return train_perception(model, bank, images, rows, seed=seed, progress=progress)
 
 
 def _fit_and_threshold_items(

@@ -260,26 +260,42 @@ class FastURANet(nn.Module):
             return self.attention
         return "sdpa" if device.type == "cuda" else "chunked"
 
+    def _perception(
+        self, features: torch.Tensor, source: str, t: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(signal perception logit, probability, uncertainty)`` as the reference forward computes them (None
+        where it does not): the normal-model maps need no perception, which then runs only for uncertainty
+        passes; the signal perception's map is its posterior-mean logit."""
+        model = self.model
+        if model.uiapm is None:
+            return None, None, None
+        run_perception = source not in NORMAL_MODEL_SOURCES or t > 0
+        if getattr(model, "perception_input", "features") == "signals" and (run_perception or source == "perception"):
+            with self._stage("uiapm"), torch.autocast(features.device.type, enabled=False):
+                # the signals are distances: float32, as the normal-model maps
+                logit, perception = model.signal_perception(features.float(), t)
+            without_passes = t <= 0 and (source == "perception" or source in NORMAL_MODEL_SOURCES)
+            probability = None if without_passes else perception.probability.float()  # RAM maps gate with it
+            return logit, probability, perception.uncertainty.float() if t > 1 else None
+        if not run_perception:
+            return None, None, None
+        with self._stage("uiapm"):
+            perception = model.uiapm(features, t)
+        # with one pass or none the module returns zero uncertainty: no need to keep or upsample it
+        return None, perception.probability.float(), perception.uncertainty.float() if t > 1 else None
+
     def _forward_impl(self, images: torch.Tensor, num_samples: int | None) -> dict[str, torch.Tensor]:
         model = self.model
         size = tuple(images.shape[-2:])
         source = model.anomaly_map_source
         t = (model.uiapm.num_samples if model.uiapm is not None else 0) if num_samples is None else num_samples
-        # as the reference: the normal-model maps need no perception, which then runs only for uncertainty passes
-        run_perception = model.uiapm is not None and (source not in NORMAL_MODEL_SOURCES or t > 0)
         with self._stage("features"):
             features = self.features(images)
         b, c, h, w = features.shape
-        probability = uncertainty = None
         with self._autocast(images.device):
-            if run_perception and model.uiapm is not None:
-                with self._stage("uiapm"):
-                    perception = model.uiapm(features, t)
-                    probability, uncertainty = perception.probability.float(), perception.uncertainty.float()
-                if t <= 1:  # the module returns zeros: no need to keep or upsample them
-                    uncertainty = None
+            signal_logit, probability, uncertainty = self._perception(features, source, t)
             if source == "perception":
-                grid = probability
+                grid = probability if signal_logit is None else signal_logit
             elif source in NORMAL_MODEL_SOURCES:
                 with self._stage("normal_model_distance"), torch.autocast(images.device.type, enabled=False):
                     # the module's own chunked computation, in float32 (|x|^2 + |p|^2 - 2 x.p cancels badly in bf16)

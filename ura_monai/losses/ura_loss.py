@@ -111,5 +111,8 @@ class URANetLoss(nn.Module):
             terms["kl"] = gaussian_kl(outputs["latent_mean"], outputs["latent_logvar"], prior)
             terms["weight_kl"] = model.uiapm.weight_kl() / self.dataset_positions
         weighted = {k: self.weights[k] * v for k, v in terms.items() if self.weights[k]}
+        if not weighted:  # nothing is trained in this loop (the signal perception without the RAM): a zero loss
+            weighted["loss"] = outputs["clean"].new_zeros((), requires_grad=True)
+            return weighted
         weighted["loss"] = torch.stack(list(weighted.values())).sum()
         return weighted

@@ -50,6 +50,13 @@ class MapSource(StrEnum):
     PERCEPTION = "perception"
 
 
+class PerceptionInput(StrEnum):
+    """What the perception module (UIAPM) reads (``URANet(perception_input=...)``; docs/design.md)."""
+
+    SIGNALS = "signals"
+    FEATURES = "features"
+
+
 class ScoreMode(StrEnum):
     """Image score from the anomaly map."""
 

@@ -1,5 +1,11 @@
 """UIAPM: uncertainty-integrated anomaly perception module (URA-Net, Luo et al. 2026).
 
+Its input is either the discrepancy signals of each position (the standardized distances to the normal memory and
+to the position model: ``URANet(perception_input="signals")``, the default) or the backbone features themselves
+(``"features"``, the first design). With signals, the module adds its learned correction to a given prior map
+(the fused normal-model map) with a zero-initialised head, so that it starts exactly at that map and training can
+only move it from there; ``docs/design.md`` has the measurements behind this choice.
+
 A Bayesian network that learns the distributions of normal and anomalous features: a convolutional encoder
 gives, per position, the mean and log-variance of a latent Gaussian; the KL term pulls it towards a normal
 or an anomalous prior (chosen by the synthetic-anomaly mask), and a Bayes-by-backprop head turns latent samples
@@ -47,6 +53,10 @@ class UncertaintyAnomalyPerception(nn.Module):
             deterministic (posterior means only, zero uncertainty), the fast path when no uncertainty is wanted.
         prior_distance: distance between the normal and the anomalous prior means in latent space; the priors
             are ``N(-m, I)`` and ``N(+m, I)`` along the diagonal direction, with ``|2m| = prior_distance``.
+        normalize_input: group-normalize the input (for features of any scale); ``False`` for discrepancy signals,
+            whose level (already standardized on normal data) is the evidence.
+        residual_head: the logits are ``scale * prior_map + bias + head(latent)``, with the head's posterior mean
+            initialised to zero (``forward`` then needs ``prior_map``); ``False``: ``head(latent)`` alone.
     """
 
     def __init__(
@@ -56,11 +66,13 @@ class UncertaintyAnomalyPerception(nn.Module):
         latent_channels: int = 16,
         num_samples: int = 8,
         prior_distance: float = 6.0,
+        normalize_input: bool = True,
+        residual_head: bool = False,
     ) -> None:
         super().__init__()
         self.num_samples = num_samples
         self.encoder = nn.Sequential(
-            nn.GroupNorm(1, in_channels),  # features of any scale
+            nn.GroupNorm(1, in_channels) if normalize_input else nn.Identity(),
             nn.Conv2d(in_channels, hidden_channels, 1),
             nn.GELU(),
             nn.Conv2d(hidden_channels, hidden_channels, 3, padding=1),
@@ -71,6 +83,12 @@ class UncertaintyAnomalyPerception(nn.Module):
         self.mean_head = nn.Conv2d(hidden_channels, latent_channels, 1)
         self.logvar_head = nn.Conv2d(hidden_channels, latent_channels, 1)
         self.classifier = BayesianConv2d(latent_channels, 1, kernel_size=1)
+        self.residual_head = residual_head
+        if residual_head:
+            # start at the prior map: zero head, and an affine map of the prior (a z-score 3 is a logit 0)
+            nn.init.zeros_(self.classifier.weight_mu)
+            self.prior_scale = nn.Parameter(torch.tensor(1.0))
+            self.prior_bias = nn.Parameter(torch.tensor(-3.0))
         direction = torch.ones(1, latent_channels, 1, 1) / latent_channels**0.5
         self.register_buffer("prior_anomalous_mean", direction * prior_distance / 2)
 
@@ -78,25 +96,34 @@ class UncertaintyAnomalyPerception(nn.Module):
         """Prior mean per position: ``-m`` where ``mask`` is 0 (normal), ``+m`` where it is 1 (anomalous)."""
         return (2.0 * mask - 1.0) * self.prior_anomalous_mean
 
-    def forward(self, features: torch.Tensor, num_samples: int | None = None) -> PerceptionOutput:
+    def forward(
+        self, features: torch.Tensor, num_samples: int | None = None, prior_map: torch.Tensor | None = None
+    ) -> PerceptionOutput:
         """
         Args:
-            features: (B, C, h, w).
+            features: (B, C, h, w) features or discrepancy signals.
             num_samples: overrides ``self.num_samples`` for this call.
+            prior_map: (B, 1, h, w) map the residual head corrects (needed with ``residual_head``).
         """
         t = self.num_samples if num_samples is None else num_samples
         hidden = self.encoder(features)
         mean = self.mean_head(hidden)
         logvar = self.logvar_head(hidden).clamp(-8.0, 4.0)
         b, d, h, w = mean.shape
+        offset: torch.Tensor | float = 0.0
+        if self.residual_head:
+            if prior_map is None:
+                raise ValueError("a residual perception head needs the prior map it corrects")
+            offset = self.prior_scale * prior_map + self.prior_bias
         if t <= 0:
-            logits = self.classifier(mean, sample=False).unsqueeze(1)
+            logits = (self.classifier(mean, sample=False) + offset).unsqueeze(1)
             probability = torch.sigmoid(logits[:, 0])
             return PerceptionOutput(logits, probability, torch.zeros_like(probability), mean, logvar)
         # all T passes in one batched call: (B, T, D, h, w) -> (B*T, D, h, w)
         eps = torch.randn(b, t, d, h, w, device=mean.device, dtype=mean.dtype)
         latent = mean.unsqueeze(1) + (0.5 * logvar).exp().unsqueeze(1) * eps
         logits = self.classifier(latent.reshape(b * t, d, h, w), sample=True).view(b, t, 1, h, w)
+        logits = logits + (offset.unsqueeze(1) if isinstance(offset, torch.Tensor) else offset)
         probs = torch.sigmoid(logits)
         probability = probs.mean(dim=1)
         uncertainty = (

@@ -15,8 +15,8 @@ from ura_monai.networks.blocks.fasm import CORRUPTIONS, MASK_TYPES, FeatureAnoma
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.blocks.normal_model import PositionalGaussian
 from ura_monai.networks.blocks.ram import RestorationAttention, nearest_distance
-from ura_monai.networks.blocks.uiapm import UncertaintyAnomalyPerception
-from ura_monai.utils.enums import MapSource, Residual
+from ura_monai.networks.blocks.uiapm import PerceptionOutput, UncertaintyAnomalyPerception
+from ura_monai.utils.enums import MapSource, PerceptionInput, Residual
 
 LEVEL_SCALE_KEY = "feature_extractor.level_scale"
 
@@ -26,22 +26,41 @@ MAP_SOURCES = MapSource.choices()
 # maps computed from the fitted normal models alone: no attention, and the perception module only for uncertainty
 NORMAL_MODEL_SOURCES = ("memory", "position", "fused", "prototype")
 RESIDUALS = Residual.choices()
+PERCEPTION_INPUTS = PerceptionInput.choices()
 
 
-def _checked_map_source(source: str, use_uiapm: bool, use_ram: bool, position_model: bool) -> str:
+def _checked_map_source(
+    source: str, use_uiapm: bool, use_ram: bool, position_model: bool, perception_input: str = "signals"
+) -> str:
     """The anomaly map source a URANet with these switches uses (``prototype`` is ``memory``'s older name; without
-    the RAM the map is the perception probability), or ValueError for an impossible combination."""
+    the RAM the map is the perception's; without UIAPM the signal perception's map falls back to the normal-model
+    map it would correct), or ValueError for an impossible combination."""
     if not (use_uiapm or use_ram):
         raise ValueError("URA-Net needs at least one of UIAPM (use_uiapm) and RAM (use_ram)")
     if source not in MAP_SOURCES:
         raise ValueError(f"anomaly_map_source must be one of {MAP_SOURCES}, got '{source}'")
+    if perception_input not in PERCEPTION_INPUTS:
+        raise ValueError(f"perception_input must be one of {PERCEPTION_INPUTS}, got '{perception_input}'")
     if source in ("position", "fused") and not position_model:
         raise ValueError(f"anomaly_map_source='{source}' needs position_model=True")
     if not use_ram:
+        if perception_input == "signals" and not position_model:
+            raise ValueError("without the RAM's normal memory the signal perception needs position_model=True")
         return "perception"
     if source == "perception" and not use_uiapm:
+        if perception_input == "signals":
+            return "fused" if position_model else "memory"
         raise ValueError("anomaly_map_source='perception' needs use_uiapm=True")
     return "memory" if source == "prototype" else source
+
+
+def _perception_module(
+    perception_input: str, channels: int, hidden: int, latent: int, num_samples: int
+) -> UncertaintyAnomalyPerception:
+    """UIAPM on the two discrepancy signals (a residual head over their fused map) or on the features."""
+    if perception_input == "signals":
+        return UncertaintyAnomalyPerception(2, hidden, latent, num_samples, normalize_input=False, residual_head=True)
+    return UncertaintyAnomalyPerception(channels, hidden, latent, num_samples)
 
 
 class URANet(nn.Module):
@@ -52,11 +71,13 @@ class URANet(nn.Module):
     Only the paper's abstract is public; ``docs/design.md`` records how each part is read here. Data flow::
 
         image -> frozen CNN features F -> [FASM, training only] -> F'
-              -> UIAPM(F') -> anomaly probability p, uncertainty u
+              -> discrepancy signals: z(distance to the nearest normal prototype of the RAM's memory),
+                 z(Mahalanobis distance to the normal Gaussian at the same position), z = standardized on
+                 cross-fitted normal distances; their fusion w * z_mem + (1 - w) * z_pos is the prior map
+              -> UIAPM(signals) -> anomaly logit = prior map + learned correction (default map), probability p and
+                 uncertainty u from T stochastic passes
               -> RAM(F', p, u) -> restoration R (from normal context and prototypes), restored p*R + (1-p)*F'
-              -> default map: w * z(distance to the nearest normal prototype) + (1 - w) * z(Mahalanobis distance to
-                 the normal Gaussian at the same position), z = standardized on cross-fitted normal distances
-                 (other sources: the residual to R, the restored features, or p)
+                 (other map sources: the residual to R, the restored features, the memory, position or fused map)
               -> upsampled, Gaussian-smoothed anomaly map -> image score
 
     Args:
@@ -73,6 +94,10 @@ class URANet(nn.Module):
         use_uiapm: use the perception module; off, the RAM trusts every position and restores everywhere.
         use_ram: use the restoration attention; off, the anomaly map is the perception probability.
         fasm_mask_types, fasm_corruptions, fasm_area_range, fasm_noise_scale, fasm_probability: FASM options.
+        perception_input: what UIAPM reads: ``"signals"`` (default: the standardized memory and position distances
+            of each position, the head correcting their fused map; trained by
+            :func:`ura_monai.engines.perception.train_perception` on image-level synthetic defects) or
+            ``"features"`` (the backbone features, trained with FASM's feature corruptions in the main loop).
         perception_hidden: width of the perception encoder.
         latent_channels: size of the perception module's per-position latent Gaussian.
         num_samples: stochastic passes of the perception module at inference (uncertainty); 0 for none.
@@ -95,8 +120,9 @@ class URANet(nn.Module):
             ``fusion_weight``, which ``ura_monai.engines.calibration.select_fusion_weight`` chooses on synthetic
             defects: objects that move lean on the memory, aligned parts on the position model),
             ``"restoration"`` (against the RAM's attention restoration from normal context and prototypes),
-            ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the anomaly
-            probability itself). See docs/design.md for the measurements behind the default.
+            ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the default with
+            ``perception_input="signals"``: the perception module's anomaly logit, posterior-mean pass, which
+            starts as the ``fused`` map and is trained to correct it; with features: the anomaly probability). See docs/design.md for the measurements behind the default.
         sigma: Gaussian smoothing of the map, in pixels.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of pixels averaged by ``topk_mean``.
@@ -122,8 +148,9 @@ class URANet(nn.Module):
         fasm_area_range: Sequence[float] = (0.01, 0.2),
         fasm_noise_scale: Sequence[float] = (0.3, 1.5),
         fasm_probability: float = 0.8,
-        perception_hidden: int = 128,
-        latent_channels: int = 16,
+        perception_input: str = "signals",
+        perception_hidden: int = 16,
+        latent_channels: int = 8,
         num_samples: int = 8,
         num_prototypes: int = 1024,
         embed_dim: int = 128,
@@ -133,7 +160,7 @@ class URANet(nn.Module):
         residual: str = "l2",
         position_model: bool = True,
         position_dim: int = 64,
-        anomaly_map_source: str = "fused",
+        anomaly_map_source: str = "perception",
         sigma: float = 4.0,
         score_mode: str = "max",
         top_k: float = 0.01,
@@ -146,7 +173,10 @@ class URANet(nn.Module):
             if k not in ("self", "__class__")
         }
         self.config["backbone_weights"] = None if backbone_weights is None else str(backbone_weights)
-        self.anomaly_map_source = _checked_map_source(anomaly_map_source, use_uiapm, use_ram, position_model)
+        self.anomaly_map_source = _checked_map_source(
+            anomaly_map_source, use_uiapm, use_ram, position_model, perception_input
+        )
+        self.perception_input = perception_input
         if residual not in RESIDUALS:
             raise ValueError(f"residual must be one of {RESIDUALS}, got '{residual}'")
         self.residual = residual
@@ -159,15 +189,10 @@ class URANet(nn.Module):
         )
         channels = self.feature_extractor.out_channels
         self.level_channels = self.feature_extractor.level_channels
-        self.fasm = (
-            FeatureAnomalySynthesis(
-                fasm_mask_types, fasm_corruptions, tuple(fasm_area_range), tuple(fasm_noise_scale), fasm_probability
-            )
-            if use_fasm
-            else None
-        )
+        fasm_options = (fasm_mask_types, fasm_corruptions, tuple(fasm_area_range), tuple(fasm_noise_scale))
+        self.fasm = FeatureAnomalySynthesis(*fasm_options, fasm_probability) if use_fasm else None
         self.uiapm = (
-            UncertaintyAnomalyPerception(channels, perception_hidden, latent_channels, num_samples)
+            _perception_module(perception_input, channels, perception_hidden, latent_channels, num_samples)
             if use_uiapm
             else None
         )
@@ -205,7 +230,14 @@ class URANet(nn.Module):
             corrupted, mask = features, torch.zeros_like(features[:, :1])
         out["input"], out["mask"] = corrupted, mask
         probability = uncertainty = None
-        if self.uiapm is not None:
+        if self.uiapm is not None and self.perception_input == "signals":
+            # trained in its own stage on cross-fitted signals (engines/perception.py); here it only gates the RAM,
+            # so it returns no logits for the loss
+            with torch.no_grad():
+                out["perception_logit"], perception = self.signal_perception(corrupted, num_samples)
+            out["probability"], out["uncertainty"] = perception.probability, perception.uncertainty
+            probability, uncertainty = perception.probability, perception.uncertainty
+        elif self.uiapm is not None:
             perception = self.uiapm(corrupted, num_samples)
             out.update(perception._asdict())
             probability, uncertainty = perception.probability, perception.uncertainty
@@ -216,7 +248,7 @@ class URANet(nn.Module):
     def grid_anomaly_map(self, outputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """Anomaly map on the feature grid (B, 1, h, w), from ``forward_features`` outputs."""
         if self.anomaly_map_source == "perception":
-            return outputs["probability"]
+            return outputs["perception_logit"] if self.perception_input == "signals" else outputs["probability"]
         if self.anomaly_map_source in NORMAL_MODEL_SOURCES:
             return self.normal_model_map(outputs["input"])
         restored = outputs[self.anomaly_map_source]
@@ -255,6 +287,46 @@ class URANet(nn.Module):
         w = self.fusion_weight.to(memory.dtype) if weight is None else weight
         return w * memory + (1.0 - w) * position
 
+    # ------------------------------------------------------------------ the perception of discrepancy signals
+    def signals_from_distances(self, memory: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(signals (B, 2, h, w), prior map (B, 1, h, w))`` from raw memory and position distances: the
+        standardized distances (a part the model lacks is zeros and left out of the prior map) and their fusion."""
+        z_memory, z_position = self.standardize(memory, position)
+        if self.ram is None:
+            z_memory, prior = torch.zeros_like(z_position), z_position
+        elif self.position_model is None:
+            z_position, prior = torch.zeros_like(z_memory), z_memory
+        else:
+            prior = self.fuse(z_memory, z_position)
+        return torch.cat([z_memory, z_position], 1), prior
+
+    @torch.no_grad()
+    def raw_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Memory and position distances (B, 1, h, w) of ``features``; zeros for a part the model lacks."""
+        zeros = torch.zeros_like(features[:, :1])
+        memory = zeros if self.ram is None else self.ram.prototype_distance(features)
+        position = zeros if self.position_model is None else self.position_model(features)
+        return memory, position
+
+    def _perceive_distances(self, memory: torch.Tensor, position: torch.Tensor) -> PerceptionOutput:
+        if self.uiapm is None:
+            raise ValueError("the signal perception needs UIAPM (use_uiapm=True)")
+        signals, prior = self.signals_from_distances(memory, position)
+        return self.uiapm(signals, 0, prior)
+
+    def signal_perception(
+        self, features: torch.Tensor, num_samples: int | None = None
+    ) -> tuple[torch.Tensor, PerceptionOutput]:
+        """The signal perception of ``features``: ``(anomaly logit of the posterior-mean pass (B, 1, h, w), the
+        outputs of ``num_samples`` stochastic passes (the same deterministic pass when that is 0))``."""
+        if self.uiapm is None:
+            raise ValueError("the signal perception needs UIAPM (use_uiapm=True)")
+        signals, prior = self.signals_from_distances(*self.raw_distances(features))
+        deterministic = self.uiapm(signals, 0, prior)
+        t = self.uiapm.num_samples if num_samples is None else num_samples
+        passes = self.uiapm(signals, t, prior) if t > 0 else deterministic
+        return deterministic.logits[:, 0], passes
+
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
         self,
@@ -289,11 +361,17 @@ class URANet(nn.Module):
         size = images.shape[-2:]
         features = self.feature_extractor(images)
         t = (self.uiapm.num_samples if self.uiapm is not None else 0) if num_samples is None else num_samples
-        if self.anomaly_map_source in NORMAL_MODEL_SOURCES:
+        if self.anomaly_map_source == "perception" and self.perception_input == "signals":
+            # the map needs no attention: the perception of the normal models' signals
+            grid_map, perception = self.signal_perception(features, t)
+            outputs = {"input": features, **(perception._asdict() if t > 0 else {})}
+        elif self.anomaly_map_source in NORMAL_MODEL_SOURCES:
             # the map needs no attention; the perception module runs only when its maps are asked for
             outputs = {"input": features}
             if self.uiapm is not None and t > 0:
-                outputs.update(self.uiapm(features, t)._asdict())
+                signals = self.perception_input == "signals"
+                passes = self.signal_perception(features, t)[1] if signals else self.uiapm(features, t)
+                outputs.update(passes._asdict())
             grid_map = self.normal_model_map(features)
         else:
             outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
@@ -333,13 +411,14 @@ class URANet(nn.Module):
         self.init_prototypes(features, generator)
         if self.position_model is not None:
             self.position_model.fit(features)
-            if self.ram is not None:
-                memory, position = self.cross_fitted_distances(features, generator=generator)
-                self.map_calibration.copy_(
-                    torch.stack([memory.mean(), memory.std(), position.mean(), position.std()])
-                    .clamp_min(1e-6)
-                    .to(self.map_calibration)
-                )
+        signals = self.uiapm is not None and self.perception_input == "signals"
+        if (self.position_model is not None and self.ram is not None) or signals:
+            memory, position = self.cross_fitted_distances(features, generator=generator)
+            self.map_calibration.copy_(
+                torch.stack([memory.mean(), memory.std(), position.mean(), position.std()])
+                .clamp_min(1e-6)
+                .to(self.map_calibration)
+            )
         return features
 
     @torch.no_grad()
@@ -348,8 +427,13 @@ class URANet(nn.Module):
     ) -> torch.Tensor | None:
         """The model's normal-model map (``memory``, ``position`` or ``fused``) of normal training ``features``,
         cross-fitted (see :meth:`cross_fitted_distances`): scores a new normal image would get, for thresholds.
-        None for other map sources or without the position model."""
-        if self.anomaly_map_source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None:
+        The signal perception's map is the perception of cross-fitted signals. None for other map sources or
+        without the position model."""
+        source = self.anomaly_map_source
+        if source == "perception" and self.perception_input == "signals":
+            memory, position = self.cross_fitted_distances(features, generator=generator)
+            return self._perceive_distances(memory, position).logits[:, 0]
+        if source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None:
             return None
         memory, position = self.cross_fitted_distances(features, generator=generator)
         if self.anomaly_map_source == "memory":
@@ -365,23 +449,49 @@ class URANet(nn.Module):
         """Memory and position distances (each (N, 1, h, w)) of normal ``features`` (N, C, h, w), every block of
         ``1/folds`` of them scored by a memory (random prototypes of the same count) and a position model fitted
         on the other blocks only: the distances a new normal image gets, which calibrate the ``fused`` map and
-        the decision thresholds. Blocks are contiguous, so the cached views of one image stay together."""
-        if self.ram is None or self.position_model is None:
-            raise ValueError("cross-fitted distances need the RAM's memory and the position model")
+        the decision thresholds. Blocks are contiguous, so the cached views of one image stay together. A part
+        the model lacks (RAM or position model) gives zeros."""
+        return self.cross_fitted_query_distances(features, None, None, folds, generator)[:2]
+
+    @torch.no_grad()
+    def cross_fitted_query_distances(
+        self,
+        features: torch.Tensor,
+        queries: torch.Tensor | None,
+        query_rows: torch.Tensor | None,
+        folds: int = 4,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`cross_fitted_distances` of ``features``, plus those of ``queries`` (M, C, h, w) made from normal
+        images (e.g. synthetic defects painted into them): query ``j`` is scored by the fold models that did not see
+        row ``query_rows[j]`` of ``features`` (its image). Returns ``(memory, position, query memory, query
+        position)``; the query parts are empty without queries."""
+        if self.ram is None and self.position_model is None:
+            raise ValueError("cross-fitted distances need the RAM's memory or the position model")
         n = features.shape[0]
         folds = max(2, min(folds, n))
         bounds = torch.linspace(0, n, folds + 1).round().long().tolist()
-        memory, position = torch.empty_like(features[:, :1]), torch.empty_like(features[:, :1])
-        held_out_model = copy.deepcopy(self.position_model)
-        count = self.ram.prototypes.shape[0]
+        memory, position = torch.zeros_like(features[:, :1]), torch.zeros_like(features[:, :1])
+        if queries is None or query_rows is None:
+            queries, query_rows = features[:0], torch.zeros(0, dtype=torch.long)
+        query_memory, query_position = torch.zeros_like(queries[:, :1]), torch.zeros_like(queries[:, :1])
+        held_out_model = None if self.position_model is None else copy.deepcopy(self.position_model)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
             others = torch.cat([features[:lo], features[hi:]])
-            tokens = others.permute(0, 2, 3, 1).reshape(-1, others.shape[1])
-            bank = tokens[torch.randperm(tokens.shape[0], generator=generator)[:count].to(tokens.device)]
-            memory[lo:hi] = nearest_distance(features[lo:hi], bank)
-            held_out_model.fit(others)
-            position[lo:hi] = held_out_model(features[lo:hi])
-        return memory, position
+            picked = ((query_rows >= lo) & (query_rows < hi)).to(queries.device)
+            if self.ram is not None:
+                tokens = others.permute(0, 2, 3, 1).reshape(-1, others.shape[1])
+                count = self.ram.prototypes.shape[0]
+                bank = tokens[torch.randperm(tokens.shape[0], generator=generator)[:count].to(tokens.device)]
+                memory[lo:hi] = nearest_distance(features[lo:hi], bank)
+                if picked.any():
+                    query_memory[picked] = nearest_distance(queries[picked], bank)
+            if held_out_model is not None:
+                held_out_model.fit(others)
+                position[lo:hi] = held_out_model(features[lo:hi])
+                if picked.any():
+                    query_position[picked] = held_out_model(queries[picked])
+        return memory, position, query_memory, query_position
 
     @torch.no_grad()
     def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:

@@ -1,0 +1,148 @@
+"""Training of the signal perception module (UIAPM reading the memory and position signals) on synthetic defects.
+
+The perception module's inputs are the standardized distances of each position to the normal memory and to the
+position model. A normal training image is *in* both normal models, so its own distances are too small; the
+signals it trains on are therefore cross-fitted, as a new image would see them: the training images are split into
+blocks, and each block (and every synthetic defect painted into one of its images) is scored by a memory and a
+position model fitted on the other blocks only. FASM's image branch
+(:class:`ura_monai.transforms.synthesis.RandSyntheticDefect`) paints the defects; the frozen backbone turns them
+into features once. The module starts as the fused map (zero-initialised residual head) and learns, from the
+clean images (target 0) and the defects (target: the fraction of each grid cell the defect covers), how to
+correct it: sharper boundaries, its own balance of the two signals, where each one is trustworthy.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, cast
+
+import torch
+import torch.nn.functional as F
+
+from ura_monai.engines.calibration import synthetic_defect_batch
+from ura_monai.losses import gaussian_kl
+from ura_monai.utils.distributed import unwrap
+
+if TYPE_CHECKING:
+    from ura_monai.networks.nets.ura_net import URANet
+
+__all__ = ["perception_training_set", "train_perception", "perception_loss"]
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def perception_training_set(
+    network: torch.nn.Module,
+    bank: torch.Tensor,
+    images: torch.Tensor,
+    image_rows: torch.Tensor,
+    variants: int = 2,
+    batch_size: int = 16,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cross-fitted signals of the clean training features and of synthetic defects painted into the training images.
+
+    Args:
+        network: a fitted URANet (normal statistics, calibration and fusion weight set).
+        bank: its cached normal training features (rows, C, h, w), under the level scale.
+        images: the training images (N, C, H, W) in [0, 1] the bank was made from.
+        image_rows: (N,) the bank row of each image's first view (its fold).
+        variants: synthetic defects per training image.
+        batch_size: backbone batch size.
+        seed: seed of the synthetic defects.
+        generator: generator of the cross-fitted memories' prototype draws.
+
+    Returns:
+        ``(signals (rows + N*variants, 2, h, w), prior maps (same, 1, h, w), targets (same, 1, h, w))``.
+    """
+    model = cast("URANet", unwrap(network))
+    device = model.map_calibration.device
+    defects, masks = synthetic_defect_batch(images, variants, seed)
+    extractor = model.feature_extractor
+    defect_features = torch.cat([extractor(part.to(device)).float() for part in defects.split(batch_size)])
+    query_rows = image_rows.repeat(variants)  # synthetic_defect_batch paints every image once per variant, in order
+    memory, position, query_memory, query_position = model.cross_fitted_query_distances(
+        bank.to(device), defect_features, query_rows, generator=generator
+    )
+    signals, prior = model.signals_from_distances(
+        torch.cat([memory, query_memory]), torch.cat([position, query_position])
+    )
+    grid = (int(bank.shape[-2]), int(bank.shape[-1]))
+    targets = torch.cat([torch.zeros(bank.shape[0], 1, *grid), F.adaptive_avg_pool2d(masks.float(), grid)])
+    return signals.cpu(), prior.cpu(), targets
+
+
+def perception_loss(
+    module: torch.nn.Module, signals: torch.Tensor, prior: torch.Tensor, target: torch.Tensor, positions: int
+) -> dict[str, torch.Tensor]:
+    """The perception terms on one batch: weighted binary cross-entropy (anomalous cells are rare) and soft Dice on
+    one stochastic pass, the latent KL against the class prior and the head's Bayes-by-backprop cost (divided by
+    the ``positions`` of the training set)."""
+    out = module(signals, 1, prior)
+    logits = out.logits[:, 0]
+    bce = F.binary_cross_entropy_with_logits(logits, target, pos_weight=torch.tensor(4.0, device=logits.device))
+    probability = torch.sigmoid(logits)
+    dice = 1.0 - (2.0 * (probability * target).sum() + 1.0) / (probability.sum() + target.sum() + 1.0)
+    kl = gaussian_kl(out.latent_mean, out.latent_logvar, module.prior_mean((target >= 0.5).float()))
+    terms = {"bce": bce, "dice": dice, "kl": 0.01 * kl, "weight_kl": module.weight_kl() / positions}
+    terms["loss"] = torch.stack(list(terms.values())).sum()
+    return terms
+
+
+def train_perception(
+    network: torch.nn.Module,
+    bank: torch.Tensor,
+    images: torch.Tensor,
+    image_rows: torch.Tensor,
+    epochs: int = 10,
+    variants: int = 2,
+    batch_size: int = 16,
+    learning_rate: float = 1e-3,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train the signal perception module of ``network`` (see the module docstring); the last epoch is kept.
+
+    Returns ``{"samples", "defects", "epochs", "loss"}`` (the last epoch's mean loss), or ``{}`` when the model has
+    no signal perception (UIAPM off, or reading features) or no FASM (no synthetic defects to learn from: the
+    module then stays the fused map it starts as).
+    """
+    model = cast("URANet", unwrap(network))
+    if model.uiapm is None or model.perception_input != "signals" or model.fasm is None or epochs <= 0:
+        return {}
+    generator = torch.Generator().manual_seed(seed)
+    signals, prior, targets = perception_training_set(
+        model, bank, images, image_rows, variants, batch_size, seed, generator
+    )
+    module = model.uiapm
+    device = model.map_calibration.device
+    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay)
+    positions = int(targets.numel())
+    was_training = module.training
+    module.train()
+    mean_loss = float("nan")
+    epoch_range: Any = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_range = tqdm(epoch_range, desc="perception", leave=False)
+    for _ in epoch_range:
+        order = torch.randperm(signals.shape[0], generator=generator)
+        total = 0.0
+        for batch in order.split(batch_size):
+            terms = perception_loss(
+                module, signals[batch].to(device), prior[batch].to(device), targets[batch].to(device), positions
+            )
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            total += float(terms["loss"]) * len(batch)
+        mean_loss = total / signals.shape[0]
+    module.train(was_training)
+    logger.info("perception trained on %d signal maps (%d synthetic defects): loss %.4f", len(signals),
+                len(signals) - bank.shape[0], mean_loss)  # fmt: skip
+    return {"samples": int(signals.shape[0]), "defects": int(signals.shape[0] - bank.shape[0]), "epochs": epochs,
+            "loss": round(mean_loss, 4)}  # fmt: skip
