@@ -202,6 +202,11 @@ def main(argv=None) -> dict:
     parser.add_argument(
         "--reference-only", action="store_true", help="only the nearest-neighbour references (no training)"
     )
+    parser.add_argument(
+        "--no-references",
+        action="store_true",
+        help="skip the nearest-neighbour references (all training patches: slow on large sets)",
+    )
     parser.add_argument("--work-dir", default="outputs/bench_quality")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -218,14 +223,17 @@ def main(argv=None) -> dict:
         if args.reference_only
         else run_model(train_items, test_items, masks, args, {}, "full", map_sources=MAP_VARIANTS)
     )
+    if args.ablation and not args.reference_only:
+        print(json.dumps({"full": result}), file=sys.stderr, flush=True)  # progress: the slow parts follow
     # the references see the same training images as URA-Net (minus the normal validation split)
-    result["reference"] = nearest_neighbour_reference(train_items, test_items, masks, args, device)
-    result["reference_random_1024"] = nearest_neighbour_reference(
-        train_items, test_items, masks, args, device, subset=1024
-    )
-    result["reference_equalized_levels"] = nearest_neighbour_reference(
-        train_items, test_items, masks, args, device, equalize_levels=True
-    )
+    if not args.no_references:
+        result["reference"] = nearest_neighbour_reference(train_items, test_items, masks, args, device)
+        result["reference_random_1024"] = nearest_neighbour_reference(
+            train_items, test_items, masks, args, device, subset=1024
+        )
+        result["reference_equalized_levels"] = nearest_neighbour_reference(
+            train_items, test_items, masks, args, device, equalize_levels=True
+        )
     if args.ablation and not args.reference_only:
         result["ablation"] = {
             tag: run_model(train_items, test_items, masks, args, kw_, tag) for tag, kw_ in ABLATIONS.items()

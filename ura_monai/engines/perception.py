@@ -14,19 +14,22 @@ correct it: sharper boundaries, its own balance of the two signals, where each o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
 
 from ura_monai.engines.calibration import synthetic_defect_batch
+from ura_monai.engines.features import first_view_rows
+from ura_monai.engines.loaders import image_loader
 from ura_monai.losses import gaussian_kl
 from ura_monai.utils.distributed import unwrap
 
 if TYPE_CHECKING:
     from ura_monai.networks.nets.ura_net import URANet
 
-__all__ = ["perception_training_set", "train_perception", "perception_loss"]
+__all__ = ["perception_training_set", "train_perception", "train_perception_from_items", "perception_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +120,7 @@ def train_perception(
     signals, prior, targets = perception_training_set(
         model, bank, images, image_rows, variants, batch_size, seed, generator
     )
-    module = model.uiapm
+    module = model.uiapm.requires_grad_(True)  # frozen outside this stage (see URANet)
     device = model.map_calibration.device
     optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay)
     positions = int(targets.numel())
@@ -139,10 +142,36 @@ def train_perception(
             optimizer.zero_grad(set_to_none=True)
             terms["loss"].backward()
             optimizer.step()
-            total += float(terms["loss"]) * len(batch)
+            total += terms["loss"].detach().item() * len(batch)
         mean_loss = total / signals.shape[0]
     module.train(was_training)
+    module.requires_grad_(False)
     logger.info("perception trained on %d signal maps (%d synthetic defects): loss %.4f", len(signals),
                 len(signals) - bank.shape[0], mean_loss)  # fmt: skip
     return {"samples": int(signals.shape[0]), "defects": int(signals.shape[0] - bank.shape[0]), "epochs": epochs,
             "loss": round(mean_loss, 4)}  # fmt: skip
+
+
+def train_perception_from_items(
+    network: torch.nn.Module,
+    items: Sequence[dict],
+    bank: torch.Tensor,
+    image_size: int,
+    channels: int | None = None,
+    batch_size: int = 8,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """:func:`train_perception` on the training datalist ``items`` whose cached features are ``bank`` (made by
+    :func:`ura_monai.engines.features.extract_feature_bank` with the same ``batch_size``, any number of views).
+    Returns its summary, or ``{}`` when the model has no signal perception or FASM, or the cache does not match."""
+    model = cast("URANet", unwrap(network))
+    if model.uiapm is None or model.perception_input != "signals" or model.fasm is None or not items:
+        return {}
+    images = torch.cat([b["image"] for b in image_loader(items, image_size, batch_size, 0, channels)])
+    views = bank.shape[0] // max(1, len(images))
+    if views < 1 or bank.shape[0] != views * len(images):
+        logger.warning("the feature cache does not match the training images; the perception stays untrained")
+        return {}
+    rows = first_view_rows(len(images), views, batch_size)
+    return train_perception(model, bank, images, rows, seed=seed, progress=progress)

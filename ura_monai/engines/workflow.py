@@ -16,14 +16,8 @@ from monai.utils import set_determinism
 
 from ura_monai.engines.calibration import fusion_weight_from_items
 from ura_monai.engines.evaluation import compute_thresholds
-from ura_monai.engines.features import (
-    FeatureBankDataset,
-    FeatureCacheDataset,
-    first_view_rows,
-    fit_normal_statistics,
-)
-from ura_monai.engines.loaders import image_loader
-from ura_monai.engines.perception import train_perception
+from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
+from ura_monai.engines.perception import train_perception_from_items
 from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.losses.ura_loss import URANetLoss
@@ -246,33 +240,11 @@ def _calibrate(
     signal_map = model.anomaly_map_source == "perception" and model.perception_input == "signals"
     if val_items is not fit_items and (model.anomaly_map_source == "fused" or signal_map) and model.fasm is not None:
         fusion_scores = fusion_weight_from_items(model, val_items, image_size, channels, batch_size, device, seed)
-    perception = _train_signal_perception(model, fit_items, bank, image_size, channels, batch_size, seed, progress)
+    perception = train_perception_from_items(model, fit_items, bank, image_size, channels, batch_size, seed, progress)
     model.train(was_training)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
                                         device=device, num_workers=num_workers, amp=amp, training_features=bank)  # fmt: skip
     return postprocessing, fusion_scores, perception
-
-
-def _train_signal_perception(
-    model: URANet,
-    fit_items: Sequence[dict],
-    bank: torch.Tensor,
-    image_size: int,
-    channels: int,
-    batch_size: int,
-    seed: int,
-    progress: bool,
-) -> dict[str, Any]:
-    """Train the signal perception on synthetic defects in the training images (``{}`` when the model has none)."""
-    if model.uiapm is None or model.perception_input != "signals" or model.fasm is None:
-        return {}
-    images = torch.cat([b["image"] for b in image_loader(fit_items, image_size, batch_size, 0, channels)])
-    views = bank.shape[0] // max(1, len(images))
-    if views < 1 or bank.shape[0] != views * len(images):
-        logger.warning("the feature cache does not match the training images; the perception stays untrained")
-        return {}
-    rows = first_view_rows(len(images), views, batch_size)
-    return train_perception(model, bank, images, rows, seed=seed, progress=progress)
 
 
 def _fit_and_threshold_items(

@@ -3,12 +3,14 @@ validation, evaluation reports."""
 
 from .checkpoint import URANetCheckpointLoader, URANetCheckpointSaver, compute_thresholds
 from .metrics_writer import AnomalyMetricsWriter
+from .perception import URANetPerceptionStage
 from .validation import ValidationEarlyStopping
 
 __all__ = [
     "AnomalyMetricsWriter",
     "URANetCheckpointLoader",
     "URANetCheckpointSaver",
+    "URANetPerceptionStage",
     "ValidationEarlyStopping",
     "compute_thresholds",
 ]

@@ -59,7 +59,10 @@ def _perception_module(
 ) -> UncertaintyAnomalyPerception:
     """UIAPM on the two discrepancy signals (a residual head over their fused map) or on the features."""
     if perception_input == "signals":
-        return UncertaintyAnomalyPerception(2, hidden, latent, num_samples, normalize_input=False, residual_head=True)
+        module = UncertaintyAnomalyPerception(2, hidden, latent, num_samples, normalize_input=False, residual_head=True)
+        # trained in its own stage on cross-fitted signals (engines/perception.py), not by the main loop, whose
+        # optimizer and DistributedDataParallel wrapper therefore leave it out
+        return module.requires_grad_(False)
     return UncertaintyAnomalyPerception(channels, hidden, latent, num_samples)
 
 
