@@ -733,6 +733,19 @@ def test_fit_resumes_from_the_last_epoch(small_demo, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------- detection
 
 
+def test_fit_without_ram_trains_the_signal_perception_only(small_demo, tmp_path):
+    # no RAM: the main loop has nothing to train, the perception stage still learns from synthetic defects
+    train_items, _ = small_demo
+    model_kwargs = {**SMALL, "use_ram": False}
+    result = fit(
+        train_items, tmp_path, image_size=64, epochs=1, batch_size=4, progress=False, model_kwargs=model_kwargs
+    )
+    checkpoint = read_checkpoint(result["checkpoint"])
+    assert result["losses"] == {} and checkpoint["config"]["use_ram"] is False
+    assert checkpoint["extra"]["perception_training"]["defects"] > 0
+    assert torch.count_nonzero(checkpoint["state_dict"]["uiapm.classifier.weight_mu"]) > 0
+
+
 @pytest.mark.slow
 def test_detects_demo_anomalies(tmp_path):
     root = make_demo_dataset(tmp_path / "data", image_size=128, seed=0)

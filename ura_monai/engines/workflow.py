@@ -174,9 +174,12 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     dataset = _normal_feature_cache(model, fit_items, image_size, augment, channels, batch_size, device, num_workers,
                                     amp, progress, generator)
-    losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs, learning_rate=learning_rate,
-                    weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
-                    tensorboard=tensorboard)
+    if any(p.requires_grad for p in model.parameters()):
+        losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs,
+                        learning_rate=learning_rate, weight_decay=weight_decay, device=device, amp=amp,
+                        loss_kwargs=loss_kwargs, progress=progress, tensorboard=tensorboard)
+    else:  # the signal perception without the RAM: nothing for the main loop to train
+        losses = {}
     train_seconds = time.perf_counter() - start
     postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset.bank, image_size,
                                                            channels, batch_size, device, num_workers, amp, seed,
