@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_ura_net import brick_images
 
 from ura_monai.engines.perception import perception_loss, perception_training_set, train_perception
 from ura_monai.networks.nets import URANet
 from ura_monai.networks.nets.ura_net import _checked_map_source
-
-from test_ura_net import brick_images
 
 SIZE = 64
 
