@@ -174,16 +174,12 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     dataset = _normal_feature_cache(model, fit_items, image_size, augment, channels, batch_size, device, num_workers,
                                     amp, progress, generator)
-    if any(p.requires_grad for p in model.parameters()):
-        losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs,
-                        learning_rate=learning_rate, weight_decay=weight_decay, device=device, amp=amp,
-                        loss_kwargs=loss_kwargs, progress=progress, tensorboard=tensorboard)
-    else:  # the signal perception without the RAM: nothing for the main loop to train
-        losses = {}
+    losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs, learning_rate=learning_rate,
+                    weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
+                    tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
-    postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset.bank, image_size,
-                                                           channels, batch_size, device, num_workers, amp, seed,
-                                                           progress)
+    postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset.bank, image_size, channels,
+                                                           batch_size, device, num_workers, amp, seed, progress)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment,
              "batch_size": batch_size, "learning_rate": learning_rate, "train_images": len(fit_items),
              "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2),
@@ -283,6 +279,8 @@ def _train(
 ) -> dict[str, float]:
     """Train on the cached features for ``epochs`` (continuing the ``saved`` state when there is one), saving the
     training state after every epoch; returns the last epoch's loss terms."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return {}  # the signal perception without the RAM: nothing for the main loop to train
     trainer, optimizer, scheduler = _trainer(
         model,
         dataset,
