@@ -114,7 +114,7 @@ def train_perception(
     module then stays the fused map it starts as).
     """
     model = cast("URANet", unwrap(network))
-    if model.uiapm is None or model.perception_input != "signals" or model.fasm is None or epochs <= 0:
+    if not model.has_signal_perception or model.fasm is None or epochs <= 0:
         return {}
     generator = torch.Generator().manual_seed(seed)
     signals, prior, targets = perception_training_set(
@@ -166,7 +166,7 @@ def train_perception_from_items(
     :func:`ura_monai.engines.features.extract_feature_bank` with the same ``batch_size``, any number of views).
     Returns its summary, or ``{}`` when the model has no signal perception or FASM, or the cache does not match."""
     model = cast("URANet", unwrap(network))
-    if model.uiapm is None or model.perception_input != "signals" or model.fasm is None or not items:
+    if not model.has_signal_perception or model.fasm is None or not items:
         return {}
     images = torch.cat([b["image"] for b in image_loader(items, image_size, batch_size, 0, channels)])
     views = bank.shape[0] // max(1, len(images))

@@ -237,8 +237,8 @@ def _calibrate(
     fusion_scores = None
     was_training = model.training
     model.eval()
-    signal_map = model.anomaly_map_source == "perception" and model.perception_input == "signals"
-    if val_items is not fit_items and (model.anomaly_map_source == "fused" or signal_map) and model.fasm is not None:
+    fused_prior = model.anomaly_map_source == "fused" or model.uses_signal_map
+    if val_items is not fit_items and fused_prior and model.fasm is not None:
         fusion_scores = fusion_weight_from_items(model, val_items, image_size, channels, batch_size, device, seed)
     perception = train_perception_from_items(model, fit_items, bank, image_size, channels, batch_size, seed, progress)
     model.train(was_training)

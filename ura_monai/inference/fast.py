@@ -270,7 +270,7 @@ class FastURANet(nn.Module):
         if model.uiapm is None:
             return None, None, None
         run_perception = source not in NORMAL_MODEL_SOURCES or t > 0
-        if getattr(model, "perception_input", "features") == "signals" and (run_perception or source == "perception"):
+        if model.has_signal_perception and (run_perception or source == "perception"):
             with self._stage("uiapm"), torch.autocast(features.device.type, enabled=False):
                 # the signals are distances: float32, as the normal-model maps
                 logit, perception = model.signal_perception(features.float(), t)

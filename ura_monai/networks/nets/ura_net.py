@@ -125,7 +125,8 @@ class URANet(nn.Module):
             ``"restoration"`` (against the RAM's attention restoration from normal context and prototypes),
             ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the default with
             ``perception_input="signals"``: the perception module's anomaly logit, posterior-mean pass, which
-            starts as the ``fused`` map and is trained to correct it; with features: the anomaly probability). See docs/design.md for the measurements behind the default.
+            starts as the ``fused`` map and is trained to correct it; with features: the anomaly probability).
+            See docs/design.md for the measurements behind the default.
         sigma: Gaussian smoothing of the map, in pixels.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of pixels averaged by ``topk_mean``.
@@ -233,7 +234,7 @@ class URANet(nn.Module):
             corrupted, mask = features, torch.zeros_like(features[:, :1])
         out["input"], out["mask"] = corrupted, mask
         probability = uncertainty = None
-        if self.uiapm is not None and self.perception_input == "signals":
+        if self.has_signal_perception:
             # trained in its own stage on cross-fitted signals (engines/perception.py); here it only gates the RAM,
             # so it returns no logits for the loss
             with torch.no_grad():
@@ -311,24 +312,35 @@ class URANet(nn.Module):
         position = zeros if self.position_model is None else self.position_model(features)
         return memory, position
 
-    def _perceive_distances(self, memory: torch.Tensor, position: torch.Tensor) -> PerceptionOutput:
+    @property
+    def has_signal_perception(self) -> bool:
+        """Whether UIAPM is on and reads the discrepancy signals (``perception_input="signals"``)."""
+        return self.uiapm is not None and self.perception_input == "signals"
+
+    @property
+    def uses_signal_map(self) -> bool:
+        """Whether the anomaly map is the signal perception's logit (the default)."""
+        return self.anomaly_map_source == "perception" and self.has_signal_perception
+
+    def perceive_distances(
+        self, memory: torch.Tensor, position: torch.Tensor, num_samples: int | None = None
+    ) -> tuple[torch.Tensor, PerceptionOutput]:
+        """The signal perception of raw memory and position distances: ``(anomaly logit of the posterior-mean pass
+        (B, 1, h, w), the outputs of ``num_samples`` stochastic passes (the same deterministic pass when that is
+        0))``."""
         if self.uiapm is None:
             raise ValueError("the signal perception needs UIAPM (use_uiapm=True)")
         signals, prior = self.signals_from_distances(memory, position)
-        return self.uiapm(signals, 0, prior)
-
-    def signal_perception(
-        self, features: torch.Tensor, num_samples: int | None = None
-    ) -> tuple[torch.Tensor, PerceptionOutput]:
-        """The signal perception of ``features``: ``(anomaly logit of the posterior-mean pass (B, 1, h, w), the
-        outputs of ``num_samples`` stochastic passes (the same deterministic pass when that is 0))``."""
-        if self.uiapm is None:
-            raise ValueError("the signal perception needs UIAPM (use_uiapm=True)")
-        signals, prior = self.signals_from_distances(*self.raw_distances(features))
         deterministic = self.uiapm(signals, 0, prior)
         t = self.uiapm.num_samples if num_samples is None else num_samples
         passes = self.uiapm(signals, t, prior) if t > 0 else deterministic
         return deterministic.logits[:, 0], passes
+
+    def signal_perception(
+        self, features: torch.Tensor, num_samples: int | None = None
+    ) -> tuple[torch.Tensor, PerceptionOutput]:
+        """:meth:`perceive_distances` of the distances of ``features`` to the normal models."""
+        return self.perceive_distances(*self.raw_distances(features), num_samples)
 
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
@@ -364,7 +376,7 @@ class URANet(nn.Module):
         size = images.shape[-2:]
         features = self.feature_extractor(images)
         t = (self.uiapm.num_samples if self.uiapm is not None else 0) if num_samples is None else num_samples
-        if self.anomaly_map_source == "perception" and self.perception_input == "signals":
+        if self.uses_signal_map:
             # the map needs no attention: the perception of the normal models' signals
             grid_map, perception = self.signal_perception(features, t)
             outputs = {"input": features, **(perception._asdict() if t > 0 else {})}
@@ -372,8 +384,9 @@ class URANet(nn.Module):
             # the map needs no attention; the perception module runs only when its maps are asked for
             outputs = {"input": features}
             if self.uiapm is not None and t > 0:
-                signals = self.perception_input == "signals"
-                passes = self.signal_perception(features, t)[1] if signals else self.uiapm(features, t)
+                passes = (
+                    self.signal_perception(features, t)[1] if self.has_signal_perception else self.uiapm(features, t)
+                )
                 outputs.update(passes._asdict())
             grid_map = self.normal_model_map(features)
         else:
@@ -414,8 +427,7 @@ class URANet(nn.Module):
         self.init_prototypes(features, generator)
         if self.position_model is not None:
             self.position_model.fit(features)
-        signals = self.uiapm is not None and self.perception_input == "signals"
-        if (self.position_model is not None and self.ram is not None) or signals:
+        if (self.position_model is not None and self.ram is not None) or self.has_signal_perception:
             memory, position = self.cross_fitted_distances(features, generator=generator)
             self.map_calibration.copy_(
                 torch.stack([memory.mean(), memory.std(), position.mean(), position.std()])
@@ -433,9 +445,8 @@ class URANet(nn.Module):
         The signal perception's map is the perception of cross-fitted signals. None for other map sources or
         without the position model."""
         source = self.anomaly_map_source
-        if source == "perception" and self.perception_input == "signals":
-            memory, position = self.cross_fitted_distances(features, generator=generator)
-            return self._perceive_distances(memory, position).logits[:, 0]
+        if self.uses_signal_map:
+            return self.perceive_distances(*self.cross_fitted_distances(features, generator=generator), 0)[0]
         if source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None:
             return None
         memory, position = self.cross_fitted_distances(features, generator=generator)
