@@ -14,6 +14,7 @@ import torch
 
 from ura_monai.inference.fast import FastURANet, fast_restoration, smoothing_matrix, token_residual
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_residual
+from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.nets.ura_net import MAP_SOURCES, URANet
 
 TOL = 1e-3
@@ -37,7 +38,7 @@ def make_model(image_size: int = 64, seed: int = 0, **overrides) -> URANet:
     config = {**SMALL, "num_samples": 0, "image_size": image_size, "pretrained": False, **overrides}
     model = URANet(**config).eval()
     with torch.no_grad():  # a trained-looking temperature and perception head, so every bias term matters
-        if model.ram is not None:
+        if isinstance(model.ram, RestorationAttention):
             model.ram.log_temperature.fill_(-2.0)
         if model.uiapm is not None:
             model.uiapm.classifier.bias_mu.fill_(-0.5)
@@ -101,7 +102,7 @@ def test_token_residual_is_feature_residual():
 @pytest.mark.parametrize("with_probability", [True, False])
 def test_fast_restoration_matches_the_module(attention, distance, with_probability):
     torch.manual_seed(0)
-    model = make_model(distance_attention=distance)
+    model = make_model(distance_attention=distance, ram_network="attention")
     ram = model.ram
     features = torch.randn(3, ram.channels, 8, 8) + 1.0
     probability = torch.rand(3, 1, 8, 8) if with_probability else None
@@ -121,7 +122,10 @@ def test_fast_restoration_matches_the_module(attention, distance, with_probabili
 )
 @pytest.mark.parametrize("attention", ["chunked", "sdpa"])
 def test_fast_path_matches_reference(residual, source, distance, attention):
-    model = make_model(residual=residual, anomaly_map_source=source, distance_attention=distance)
+    """The attention RAM's inference kernels in the fast path (the restoration transformer: the tests below)."""
+    model = make_model(
+        residual=residual, anomaly_map_source=source, distance_attention=distance, ram_network="attention"
+    )
     x = images()
     assert_same(fast(model, x, attention=attention, block_elements=4096), reference(model, x))
 
@@ -199,7 +203,7 @@ def test_fast_path_bf16_autocast_cpu():
 @pytest.mark.parametrize("attention", ["chunked", "sdpa"])
 def test_fast_restoration_bf16(attention):
     """The attention in bf16 (values, value products; sdpa: also queries and keys) against float32."""
-    model = make_model()
+    model = make_model(ram_network="attention")
     features = torch.randn(2, model.ram.channels, 8, 8) + 1.0
     probability = torch.rand(2, 1, 8, 8)
     with torch.inference_mode():

@@ -341,7 +341,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     true_anomalies = sum(int(item["label"]) for item in test_items)
     print(
-        f"URA-Net demo ({args.image_size}x{args.image_size}, {args.epochs} epochs) finished in {time.perf_counter() - start:.1f} s"
+        f"URA-Net demo ({args.image_size}x{args.image_size}, {fitted['epochs']} epochs) finished in {time.perf_counter() - start:.1f} s"
     )
     print(f"  dataset:     {category_dir} ({len(train_items)} normal training images, {len(test_items)} test images)")
     print(f"  checkpoint:  {fitted['checkpoint']}")

@@ -81,9 +81,9 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--epochs",
         type=_positive_int,
-        default=3,
-        help="main-loop epochs over the cached features (default 3, the CPU schedule: about 13 minutes for 343 "
-        "images at 256 px on 2 cores; 20 is the longer GPU schedule, docs/benchmarks.md)",
+        default=None,
+        help="main-loop epochs over the cached features (default: the CPU schedule, 3 epochs or 300 steps, whichever "
+        "is longer; 20 is the longer GPU schedule, docs/benchmarks.md)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
     p.add_argument(
@@ -228,7 +228,12 @@ def _add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="new, empty or earlier demo output folder (default ./ura_monai_demo)",
     )
-    p.add_argument("--epochs", type=_positive_int, default=3, help="training epochs (default 3)")
+    p.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help="training epochs (default: fit's CPU schedule, 3 or 300 steps)",
+    )
     p.add_argument("--image-size", type=_image_size, default=128, help="image and model size (default 128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the data and the training (default 0)")

@@ -10,6 +10,7 @@ the position model; ``docs/design.md`` has the measurements.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -17,10 +18,22 @@ from ura_monai.metrics import average_precision
 from ura_monai.transforms.synthesis import RandSyntheticDefect
 from ura_monai.utils.distributed import unwrap
 
-__all__ = ["FUSION_WEIGHTS", "synthetic_defect_batch", "select_fusion_weight"]
+if TYPE_CHECKING:
+    from ura_monai.networks.nets.ura_net import URANet
+
+__all__ = [
+    "FUSION_WEIGHTS",
+    "RESIDUAL_WEIGHTS",
+    "calibrate_restoration_residual",
+    "select_fusion_weight",
+    "select_residual_weight",
+    "synthetic_defect_batch",
+]
 
 # candidate weights of the memory term (the position term gets 1 - w)
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+# candidate weights of the restoration residual in the perception's prior map (the fused map gets 1 - v)
+RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5)
 
 
 def synthetic_defect_batch(images: torch.Tensor, variants: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +51,34 @@ def synthetic_defect_batch(images: torch.Tensor, variants: int, seed: int = 0) -
 
 
 @torch.no_grad()
+def calibrate_restoration_residual(network: torch.nn.Module, features: torch.Tensor, batch_size: int = 32) -> None:
+    """Set the network's ``residual_calibration`` (mean, std) from the restoration transformer's residual on the
+    normal training ``features``, after the RAM's training (no-op without the residual signal). Not cross-fitted:
+    measured, the residual on the training images matches that on held-out normal images (docs/design.md, RAM)."""
+    model = cast("URANet", unwrap(network))
+    if not model.uses_residual_signal:
+        return
+    was_training = model.training
+    model.eval()
+    residual = model.restoration_residual(features, *model.raw_distances(features), batch_size=batch_size)
+    model.train(was_training)
+    spread = residual.std() if residual.numel() > 1 else residual.new_tensor(1.0)
+    stats = torch.stack([residual.mean(), spread]).clamp_min(1e-6)
+    model.residual_calibration.copy_(stats.to(model.residual_calibration))
+
+
+def _grid_targets(normal_count: int, defect_masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Grid targets: zeros for the clean images, then the defect masks pooled to the grid (half a cell counts)."""
+    cells = torch.nn.functional.adaptive_avg_pool2d(defect_masks.float(), grid) >= 0.5
+    return torch.cat([torch.zeros(normal_count, 1, *grid, dtype=torch.bool), cells.cpu()])
+
+
+def _best(scores: dict[float, float], target: torch.Tensor, default: float) -> float:
+    """The weight with the best score (ties: the smallest weight), or ``default`` without any positive cell."""
+    return max(scores, key=lambda w: (scores[w], -w)) if target.any() else default
+
+
+@torch.no_grad()
 def select_fusion_weight(
     network: torch.nn.Module,
     normal_features: torch.Tensor,
@@ -52,15 +93,39 @@ def select_fusion_weight(
     model = unwrap(network)
     features = torch.cat([normal_features, defect_features]).to(next(model.buffers()).device)
     memory, position = model.standardized_distances(features)
-    grid = memory.shape[-2:]
-    cells = torch.nn.functional.adaptive_avg_pool2d(defect_masks.float(), grid) >= 0.5
-    target = torch.cat([torch.zeros(normal_features.shape[0], 1, *grid, dtype=torch.bool), cells.cpu()])
+    target = _grid_targets(normal_features.shape[0], defect_masks, (memory.shape[-2], memory.shape[-1]))
     scores = {}
     for weight in weights:
         fused = model.fuse(memory, position, float(weight)).cpu()
         scores[float(weight)] = average_precision(fused.flatten(), target.flatten()) if target.any() else float("nan")
-    best = max(scores, key=lambda w: (scores[w], -w)) if target.any() else 0.5
-    model.fusion_weight.fill_(best)
+    model.fusion_weight.fill_(_best(scores, target, 0.5))
+    return scores
+
+
+@torch.no_grad()
+def select_residual_weight(
+    network: torch.nn.Module,
+    normal_features: torch.Tensor,
+    defect_features: torch.Tensor,
+    defect_masks: torch.Tensor,
+    weights: Sequence[float] = RESIDUAL_WEIGHTS,
+) -> dict[float, float]:
+    """Set ``network.residual_weight``, the share of the restoration residual in the perception's prior map, as
+    :func:`select_fusion_weight` sets the fused map's weight (same synthetic defects, after it and after
+    :func:`calibrate_restoration_residual`). Returns ``{weight: pixel AP}``; ties keep the smaller weight."""
+    model = cast("URANet", unwrap(network))
+    features = torch.cat([normal_features, defect_features]).to(model.residual_calibration.device)
+    memory, position = model.raw_distances(features)
+    residual = model.restoration_residual(features, memory, position)
+    fused = model.fuse(*model.standardize(memory, position))
+    res_mean, res_std = model.residual_calibration.to(residual.dtype)
+    z_residual = (residual - res_mean) / res_std
+    target = _grid_targets(normal_features.shape[0], defect_masks, (memory.shape[-2], memory.shape[-1]))
+    scores = {}
+    for weight in weights:
+        prior = ((1.0 - weight) * fused + weight * z_residual).cpu()
+        scores[float(weight)] = average_precision(prior.flatten(), target.flatten()) if target.any() else float("nan")
+    model.residual_weight.fill_(_best(scores, target, 0.0))
     return scores
 
 
@@ -74,10 +139,14 @@ def fusion_weight_from_items(
     device: str | torch.device = "cpu",
     seed: int = 0,
     min_defects: int = 64,
-) -> dict[float, float] | None:
+    bank: torch.Tensor | None = None,
+) -> dict[Any, float] | None:
     """:func:`select_fusion_weight` on held-out normal images ``items`` (a datalist no normal model was fitted on):
-    enough synthetic variants of each to make ``min_defects`` defect images (at most 16 each). Returns the scores,
-    or None (weight unchanged) for a model without the fused map's parts or no items."""
+    enough synthetic variants of each to make ``min_defects`` defect images (at most 16 each); then, for a model
+    whose perception reads the restoration residual and given its training ``bank``,
+    :func:`calibrate_restoration_residual` and :func:`select_residual_weight` on the same defects. Returns the
+    scores (the residual's under ``"residual <v>"``), or None (weights unchanged) for a model without the fused
+    map's parts or no items."""
     from ura_monai.engines.loaders import image_loader
 
     model = unwrap(network)
@@ -92,4 +161,10 @@ def fusion_weight_from_items(
     def features(batch: torch.Tensor) -> torch.Tensor:
         return torch.cat([extractor(part.to(device)) for part in batch.split(batch_size)])
 
-    return select_fusion_weight(model, features(images), features(defects), masks)
+    normal_features, defect_features = features(images), features(defects)
+    scores: dict[Any, float] = dict(select_fusion_weight(model, normal_features, defect_features, masks))
+    if bank is not None and model.uses_residual_signal:
+        calibrate_restoration_residual(model, bank.to(device), batch_size)
+        residual_scores = select_residual_weight(model, normal_features, defect_features, masks)
+        scores.update({f"residual {k:g}": v for k, v in residual_scores.items()})
+    return scores

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn.functional as F
 
-from ura_monai.engines.calibration import synthetic_defect_batch
+from ura_monai.engines.calibration import calibrate_restoration_residual, synthetic_defect_batch
 from ura_monai.engines.features import first_view_rows
 from ura_monai.engines.loaders import image_loader
 from ura_monai.losses import gaussian_kl
@@ -29,7 +29,12 @@ from ura_monai.utils.distributed import unwrap
 if TYPE_CHECKING:
     from ura_monai.networks.nets.ura_net import URANet
 
-__all__ = ["perception_training_set", "train_perception", "train_perception_from_items", "perception_loss"]
+__all__ = [
+    "perception_training_set",
+    "train_perception",
+    "train_perception_from_items",
+    "perception_loss",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +63,9 @@ def perception_training_set(
         generator: generator of the cross-fitted memories' prototype draws.
 
     Returns:
-        ``(signals (rows + N*variants, 2, h, w), prior maps (same, 1, h, w), targets (same, 1, h, w))``.
+        ``(signals (rows + N*variants, 2 or 3, h, w), prior maps (same, 1, h, w), targets (same, 1, h, w))``; the
+        third signal, with the restoration transformer, is its residual (not cross-fitted: the network trained on
+        these images restores them no better than held-out normal ones, docs/design.md).
     """
     model = cast("URANet", unwrap(network))
     device = model.map_calibration.device
@@ -69,9 +76,11 @@ def perception_training_set(
     memory, position, query_memory, query_position = model.cross_fitted_query_distances(
         bank.to(device), defect_features, query_rows, generator=generator
     )
-    signals, prior = model.signals_from_distances(
-        torch.cat([memory, query_memory]), torch.cat([position, query_position])
-    )
+    memory, position = torch.cat([memory, query_memory]), torch.cat([position, query_position])
+    residual = None
+    if model.uses_residual_signal:  # the restoration transformer's residual (masked by the cross-fitted prior)
+        residual = model.restoration_residual(torch.cat([bank.to(device), defect_features]), memory, position)
+    signals, prior = model.signals_from_distances(memory, position, residual)
     grid = (int(bank.shape[-2]), int(bank.shape[-1]))
     targets = torch.cat([torch.zeros(bank.shape[0], 1, *grid), F.adaptive_avg_pool2d(masks.float(), grid)])
     return signals.cpu(), prior.cpu(), targets
@@ -163,9 +172,11 @@ def train_perception_from_items(
     progress: bool = False,
 ) -> dict[str, Any]:
     """:func:`train_perception` on the training datalist ``items`` whose cached features are ``bank`` (made by
-    :func:`ura_monai.engines.features.extract_feature_bank` with the same ``batch_size``, any number of views).
+    :func:`ura_monai.engines.features.extract_feature_bank` with the same ``batch_size``, any number of views),
+    after the restoration residual's calibration on ``bank`` (:func:`calibrate_restoration_residual`).
     Returns its summary, or ``{}`` when the model has no signal perception or FASM, or the cache does not match."""
     model = cast("URANet", unwrap(network))
+    calibrate_restoration_residual(model, bank.to(model.residual_calibration.device), batch_size)
     if not model.has_signal_perception or model.fasm is None or not items:
         return {}
     images = torch.cat([b["image"] for b in image_loader(items, image_size, batch_size, 0, channels)])

@@ -28,6 +28,7 @@ from ura_monai.utils.paths import mark_output_dir
 
 __all__ = [
     "FeatureBankDataset",
+    "default_epochs",
     "fit",
     "split_normal_validation",
     "training_channels",
@@ -50,6 +51,10 @@ class _GeneratorState:
 
 
 TRAIN_STATE_NAME = "train_state.pt"
+# the default schedule (``epochs=None``): at least 3 passes over the cache and at least 300 optimizer steps, so that
+# the restoration transformer trains on a small set (25 images: 3 steps an epoch) as on a large one
+DEFAULT_EPOCHS = 3
+DEFAULT_MIN_STEPS = 300
 # the settings a resumed run must share with the saved one (the epoch count may grow)
 _RESUME_KEYS = ("image_size", "augment", "seed", "batch_size", "channels", "model")
 
@@ -113,7 +118,7 @@ def fit(
     train_items: Sequence[dict],
     output_dir: str | Path,
     image_size: int = 256,
-    epochs: int = 3,
+    epochs: int | None = None,
     batch_size: int = 8,
     learning_rate: float = 1e-3,
     weight_decay: float = 1e-4,
@@ -138,8 +143,9 @@ def fit(
         train_items: datalist of normal images (``label`` 0).
         output_dir: where ``model.pt``, ``train_state/`` (resumable state) and ``runs/`` (TensorBoard) go.
         image_size: square input size (a multiple of 32).
-        epochs: passes of the main loop (RAM training) over the cached training features; 3 is the CPU schedule
-            (about 13 minutes for 343 images at 256 px on 2 cores, docs/benchmarks.md), 20 the longer one.
+        epochs: passes of the main loop (RAM training) over the cached training features; None (default) is the
+            CPU schedule, :func:`default_epochs`: 3 passes, more for a small set so that the RAM gets 300 optimizer
+            steps (docs/benchmarks.md has its cost); 20 is the longer schedule.
         batch_size: batch size of images and of features.
         learning_rate, weight_decay: AdamW settings.
         augment: cached views: ``none``, ``hflip`` or ``dihedral`` (see ``augmented_views``).
@@ -157,7 +163,7 @@ def fit(
         loss_kwargs: ``URANetLoss`` weights.
 
     Returns:
-        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the final loss terms,
+        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the ``epochs`` run, the final loss terms,
         the trained ``model`` and the cached normal ``features`` it was fitted on (under the fitted level scale).
     """
     start = time.perf_counter()
@@ -174,6 +180,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     dataset = _normal_feature_cache(model, fit_items, image_size, augment, channels, batch_size, device, num_workers,
                                     amp, progress, generator)
+    epochs = default_epochs(len(dataset), batch_size) if epochs is None else epochs
     losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs, learning_rate=learning_rate,
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
                     tensorboard=tensorboard)
@@ -183,13 +190,18 @@ def fit(
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment,
              "batch_size": batch_size, "learning_rate": learning_rate, "train_images": len(fit_items),
              "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2),
-             "fusion_scores": None if fusion_scores is None else {f"{k:g}": round(v, 4) for k, v in fusion_scores.items()},
-             "perception_training": perception}
-    checkpoint = save_checkpoint(output_dir / "model.pt", model, postprocessing, extra)
-    logger.info("wrote %s", checkpoint)
-    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"],
+             "fusion_scores": fusion_scores, "perception_training": perception}
+    logger.info("wrote %s", checkpoint := save_checkpoint(output_dir / "model.pt", model, postprocessing, extra))
+    return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "epochs": epochs,
             "train_seconds": round(train_seconds, 2), "losses": losses, "model": model, "features": dataset.bank}
     # fmt: on
+
+
+def default_epochs(samples: int, batch_size: int) -> int:
+    """Epochs of the default schedule for ``samples`` cached training features: ``DEFAULT_EPOCHS``, or more when
+    that gives fewer than ``DEFAULT_MIN_STEPS`` optimizer steps (the loader drops the last partial batch)."""
+    steps_per_epoch = max(1, samples // batch_size) if samples > batch_size else 1
+    return max(DEFAULT_EPOCHS, -(-DEFAULT_MIN_STEPS // steps_per_epoch))
 
 
 def _normal_feature_cache(
@@ -226,8 +238,8 @@ def _calibrate(
     amp: bool,
     seed: int,
     progress: bool = False,
-) -> tuple[dict[str, float], dict[float, float] | None, dict[str, Any]]:
-    """``(thresholds, fusion weight scores, perception training summary)`` after training.
+) -> tuple[dict[str, float], dict[str, float] | None, dict[str, Any]]:
+    """``(thresholds, fusion weight scores by weight, perception training summary)`` after training.
 
     The fused map's weight is chosen on FASM's image-level synthetic defects painted into the held-out normal
     images (unseen by the normal models); it stays 0.5 without FASM or when too few images were held out. The
@@ -239,12 +251,19 @@ def _calibrate(
     model.eval()
     fused_prior = model.anomaly_map_source == "fused" or model.uses_signal_map
     if val_items is not fit_items and fused_prior and model.fasm is not None:
-        fusion_scores = fusion_weight_from_items(model, val_items, image_size, channels, batch_size, device, seed)
+        fusion_scores = fusion_weight_from_items(
+            model, val_items, image_size, channels, batch_size, device, seed, bank=bank
+        )
     perception = train_perception_from_items(model, fit_items, bank, image_size, channels, batch_size, seed, progress)
     model.train(was_training)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
                                         device=device, num_workers=num_workers, amp=amp, training_features=bank)  # fmt: skip
-    return postprocessing, fusion_scores, perception
+    scores = (
+        None
+        if fusion_scores is None
+        else {(f"{k:g}" if isinstance(k, float) else k): round(v, 4) for k, v in fusion_scores.items()}
+    )
+    return postprocessing, scores, perception
 
 
 def _fit_and_threshold_items(

@@ -307,6 +307,10 @@ class FastURANet(nn.Module):
                         )
                     else:
                         grid = model.normal_model_map(features)
+            elif not isinstance(model.ram, RestorationAttention):
+                # the restoration transformer's maps: its own forward (it has no separate inference kernels)
+                with self._stage("ram_transformer"), torch.autocast(images.device.type, enabled=False):
+                    grid = model.grid_anomaly_map(model.forward_features(features.float(), num_samples=t))
             else:
                 tokens = features.flatten(2).transpose(1, 2)  # (B, N, C); contiguous when channels_last
                 with self._stage("ram_attention"):
@@ -361,7 +365,7 @@ class FastURANet(nn.Module):
         self._axis_matrix(h, height, images.device)
         self._axis_matrix(w, width, images.device)
         ram = model.ram
-        if ram is None or model.anomaly_map_source in NORMAL_MODEL_SOURCES:
+        if not isinstance(ram, RestorationAttention) or model.anomaly_map_source in NORMAL_MODEL_SOURCES:
             return
         ram.prepare((h, w), self._attention_mode(images.device), self.dtype or images.dtype, images.device)
 

@@ -57,6 +57,7 @@ ARCHITECTURE_KEYS = (
     "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "equalize_levels", "use_fasm", "use_uiapm",
     "use_ram", "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
     "distance_attention", "anomaly_map_source", "residual", "position_model", "position_dim", "perception_input",
+    "ram_network", "ram_depth", "ram_patch_size", "num_normal_tokens",
 )  # fmt: skip
 
 
@@ -139,8 +140,9 @@ def _from_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
 def _upgrade_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Settings added since a checkpoint was written take the value that reproduces it: a config without
     ``position_model`` was trained without the position model, one without ``perception_input`` with the
-    perception module on features."""
-    checkpoint["config"] = {"position_model": False, "perception_input": "features", **checkpoint["config"]}
+    perception module on features, one without ``ram_network`` with the restoration attention."""
+    defaults = {"position_model": False, "perception_input": "features", "ram_network": "attention"}
+    checkpoint["config"] = {**defaults, **checkpoint["config"]}
     return checkpoint
 
 

@@ -57,6 +57,14 @@ class PerceptionInput(StrEnum):
     FEATURES = "features"
 
 
+class RamNetwork(StrEnum):
+    """The RAM's restoration network (``URANet(ram_network=...)``; docs/design.md): a masked-restoration transformer
+    (the default) or the first design's single restoration attention (a soft nearest neighbour over normal context)."""
+
+    TRANSFORMER = "transformer"
+    ATTENTION = "attention"
+
+
 class ScoreMode(StrEnum):
     """Image score from the anomaly map."""
 

@@ -10,11 +10,15 @@ covariances, one per position, would otherwise dominate memory and time).
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["PositionalGaussian"]
+from ura_monai.networks.blocks.ram import nearest_distance
+
+__all__ = ["PositionalGaussian", "cross_fitted_normal_distances"]
 
 
 class PositionalGaussian(nn.Module):
@@ -91,3 +95,50 @@ class PositionalGaussian(nn.Module):
         centred = self._tokens(features) - self.mean.to(features.dtype).unsqueeze(1)  # (h*w, B, dim)
         whitened = torch.bmm(self.whitening.to(features.dtype), centred.transpose(1, 2))  # (h*w, dim, B)
         return whitened.pow(2).sum(dim=1).sqrt().transpose(0, 1).reshape(b, 1, h, w)
+
+
+@torch.no_grad()
+def cross_fitted_normal_distances(
+    features: torch.Tensor,
+    queries: torch.Tensor | None,
+    query_rows: torch.Tensor | None,
+    memory_size: int,
+    position_model: PositionalGaussian | None,
+    folds: int = 4,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Distances a *new* normal image gets, from normal training ``features`` (N, C, h, w) alone.
+
+    The rows are split into ``folds`` contiguous blocks (the cached views of one image stay together); each block is
+    scored by a memory (``memory_size`` random positions of the other blocks; none when 0) and by a copy of
+    ``position_model`` fitted on the other blocks (none when None). ``queries`` (M, C, h, w) made from normal images
+    (e.g. synthetic defects painted into them) are scored by the fold models that did not see their image, row
+    ``query_rows[j]`` of ``features``.
+
+    Returns:
+        ``(memory, position, query memory, query position)``, each (rows, 1, h, w); a missing part is zeros, the query
+        parts are empty without queries.
+    """
+    n = features.shape[0]
+    folds = max(2, min(folds, n))
+    bounds = torch.linspace(0, n, folds + 1).round().long().tolist()
+    memory, position = torch.zeros_like(features[:, :1]), torch.zeros_like(features[:, :1])
+    if queries is None or query_rows is None:
+        queries, query_rows = features[:0], torch.zeros(0, dtype=torch.long)
+    query_memory, query_position = torch.zeros_like(queries[:, :1]), torch.zeros_like(queries[:, :1])
+    held_out_model = None if position_model is None else copy.deepcopy(position_model)
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        others = torch.cat([features[:lo], features[hi:]])
+        picked = ((query_rows >= lo) & (query_rows < hi)).to(queries.device)
+        if memory_size > 0:
+            tokens = others.permute(0, 2, 3, 1).reshape(-1, others.shape[1])
+            bank = tokens[torch.randperm(tokens.shape[0], generator=generator)[:memory_size].to(tokens.device)]
+            memory[lo:hi] = nearest_distance(features[lo:hi], bank)
+            if picked.any():
+                query_memory[picked] = nearest_distance(queries[picked], bank)
+        if held_out_model is not None:
+            held_out_model.fit(others)
+            position[lo:hi] = held_out_model(features[lo:hi])
+            if picked.any():
+                query_position[picked] = held_out_model(queries[picked])
+    return memory, position, query_memory, query_position

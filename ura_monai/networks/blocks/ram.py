@@ -39,6 +39,7 @@ __all__ = [
     "RestorationAttention",
     "RestorationOutput",
     "default_block_elements",
+    "draw_normal_tokens",
     "nearest_distance",
 ]
 
@@ -68,6 +69,16 @@ def nearest_distance(features: torch.Tensor, bank: torch.Tensor, chunk: int = 40
         sq = part.pow(2).sum(-1, keepdim=True) + bank_sq - 2 * part @ bank.T
         nearest.append(sq.amin(dim=1))
     return torch.cat(nearest).clamp_min(0).sqrt().view(b, h, w).unsqueeze(1)
+
+
+def draw_normal_tokens(features: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``count`` feature vectors (count, C) drawn at random from the positions of normal ``features`` (N, C, h, w),
+    repeated when there are fewer positions: the normal memory's start (as k-means-initialised codebooks are)."""
+    tokens = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
+    idx = torch.randperm(tokens.shape[0], generator=generator)[:count]
+    if idx.numel() < count:  # fewer tokens than prototypes: repeat
+        idx = idx[torch.arange(count) % idx.numel()]
+    return tokens[idx.to(tokens.device)]
 
 
 class RestorationOutput(NamedTuple):
@@ -153,11 +164,7 @@ class RestorationAttention(nn.Module):
         A data-driven start (as k-means-initialised codebooks are); training then adapts them.
         """
         tokens = features.permute(0, 2, 3, 1).reshape(-1, self.channels)
-        k = self.prototypes.shape[0]
-        idx = torch.randperm(tokens.shape[0], generator=generator)[:k]
-        if idx.numel() < k:  # fewer tokens than prototypes: repeat
-            idx = idx[torch.arange(k) % idx.numel()]
-        self.prototypes.copy_(tokens[idx.to(tokens.device)].to(self.prototypes))
+        self.prototypes.copy_(draw_normal_tokens(features, self.prototypes.shape[0], generator).to(self.prototypes))
         # temperature start: the median squared distance (per channel) from a token to its nearest prototype
         sample = tokens[torch.randperm(tokens.shape[0], generator=generator)[:2048].to(tokens.device)]
         nearest = torch.cdist(sample, self.prototypes.to(sample)).amin(dim=1).pow(2) / self.channels

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -13,12 +12,15 @@ from torch import nn
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_residual, image_score
 from ura_monai.networks.blocks.fasm import CORRUPTIONS, MASK_TYPES, FeatureAnomalySynthesis
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
-from ura_monai.networks.blocks.normal_model import PositionalGaussian
-from ura_monai.networks.blocks.ram import RestorationAttention, nearest_distance
+from ura_monai.networks.blocks.normal_model import PositionalGaussian, cross_fitted_normal_distances
+from ura_monai.networks.blocks.ram import RestorationAttention
+from ura_monai.networks.blocks.restoration import RestorationTransformer
 from ura_monai.networks.blocks.uiapm import PerceptionOutput, UncertaintyAnomalyPerception
-from ura_monai.utils.enums import MapSource, PerceptionInput, Residual
+from ura_monai.utils.enums import MapSource, PerceptionInput, RamNetwork, Residual
 
 LEVEL_SCALE_KEY = "feature_extractor.level_scale"
+# buffers newer than some checkpoints, whose defaults reproduce those checkpoints (no restoration residual signal)
+OPTIONAL_BUFFERS = ("residual_calibration", "residual_weight")
 
 __all__ = ["URANet"]
 
@@ -27,6 +29,9 @@ MAP_SOURCES = MapSource.choices()
 NORMAL_MODEL_SOURCES = ("memory", "position", "fused", "prototype")
 RESIDUALS = Residual.choices()
 PERCEPTION_INPUTS = PerceptionInput.choices()
+RAM_NETWORKS = RamNetwork.choices()
+# a fused prior z-score of 3 masks a position half for the restoration transformer (as the perception's logit starts)
+RESTORATION_MASK_OFFSET = 3.0
 
 
 def _checked_map_source(
@@ -55,15 +60,40 @@ def _checked_map_source(
 
 
 def _perception_module(
-    perception_input: str, channels: int, hidden: int, latent: int, num_samples: int
+    perception_input: str, channels: int, hidden: int, latent: int, num_samples: int, signals: int = 2
 ) -> UncertaintyAnomalyPerception:
-    """UIAPM on the two discrepancy signals (a residual head over their fused map) or on the features."""
+    """UIAPM on the ``signals`` discrepancy signals (a residual head over their fused map) or on the features."""
     if perception_input == "signals":
-        module = UncertaintyAnomalyPerception(2, hidden, latent, num_samples, normalize_input=False, residual_head=True)
+        module = UncertaintyAnomalyPerception(
+            signals, hidden, latent, num_samples, normalize_input=False, residual_head=True
+        )
         # trained in its own stage on cross-fitted signals (engines/perception.py), not by the main loop, whose
         # optimizer and DistributedDataParallel wrapper therefore leave it out
         return module.requires_grad_(False)
     return UncertaintyAnomalyPerception(channels, hidden, latent, num_samples)
+
+
+def _checked_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got '{value}'")
+    return value
+
+
+def _restoration_module(
+    config: Mapping[str, Any], channels: int, grid: tuple[int, int]
+) -> RestorationAttention | RestorationTransformer | None:
+    """The RAM a URANet ``config`` asks for: the restoration transformer, the restoration attention, or None."""
+    if not config["use_ram"]:
+        return None
+    if config["ram_network"] == "transformer":
+        return RestorationTransformer(
+            channels, grid, config["num_prototypes"], config["embed_dim"], config["ram_depth"], config["num_heads"],
+            config["ram_patch_size"], config["num_normal_tokens"], mask_ratio=config["ram_mask_ratio"],
+        )  # fmt: skip
+    return RestorationAttention(
+        channels, config["num_prototypes"], config["embed_dim"], config["num_heads"], config["exclude_radius"],
+        config["distance_attention"],
+    )  # fmt: skip
 
 
 class URANet(nn.Module):
@@ -77,9 +107,10 @@ class URANet(nn.Module):
               -> discrepancy signals: z(distance to the nearest normal prototype of the RAM's memory),
                  z(Mahalanobis distance to the normal Gaussian at the same position), z = standardized on
                  cross-fitted normal distances; their fusion w * z_mem + (1 - w) * z_pos is the prior map
+              -> RAM: a transformer restores F' from normal context, learned normal tokens and the normal memory,
+                 with the positions the prior map flags masked -> restoration R; z(||F' - R||) is the third signal
               -> UIAPM(signals) -> anomaly logit = prior map + learned correction (default map), probability p and
                  uncertainty u from T stochastic passes
-              -> RAM(F', p, u) -> restoration R (from normal context and prototypes), restored p*R + (1-p)*F'
                  (other map sources: the residual to R, the restored features, the memory, position or fused map)
               -> upsampled, Gaussian-smoothed anomaly map -> image score
 
@@ -104,35 +135,40 @@ class URANet(nn.Module):
         perception_hidden: width of the perception encoder.
         latent_channels: size of the perception module's per-position latent Gaussian.
         num_samples: stochastic passes of the perception module at inference (uncertainty); 0 for none.
-        num_prototypes: learnable global normal prototypes of the RAM.
-        embed_dim: RAM query/key width.
+        num_prototypes: size of the RAM's global normal memory (normal training features drawn at random).
+        embed_dim: RAM width (the transformer's token width; the attention's query/key width).
         num_heads: RAM attention heads.
-        exclude_radius: RAM masks this Chebyshev neighbourhood around each query (no self-copying).
-        distance_attention: RAM adds a learned-temperature feature-distance term to its attention logits.
+        exclude_radius: attention RAM only: masks this Chebyshev neighbourhood around each query (no self-copying).
+        distance_attention: attention RAM only: adds a learned-temperature feature-distance term to its logits.
+        ram_network: the RAM's restoration network: ``"transformer"`` (default: :class:`RestorationTransformer`,
+            masked restoration with feed-forward blocks, a decoder, learned normal tokens and cross-attention to
+            the normal memory; its residual is the signal perception's third signal) or ``"attention"`` (the first
+            design, :class:`RestorationAttention`: one attention layer, a convex combination of normal features).
+        ram_depth: transformer blocks of the restoration transformer.
+        ram_patch_size: feature-grid cells per side of one restoration token.
+        num_normal_tokens: learned normal tokens of the restoration transformer.
+        ram_mask_ratio: share of patches the restoration transformer masks at random in training.
         residual: ``"l2"`` (Euclidean distance of the concatenated features, as nearest-neighbour detectors use)
             or ``"cosine"`` (``1 - cos`` per level, summed) between input and restored features.
         position_model: fit a position-aware normal model (a Gaussian of the normal features at every grid
             position, :class:`PositionalGaussian`) beside the RAM's position-free prototypes; needed by the
             ``position`` and ``fused`` maps.
         position_dim: channels of the position model's random orthonormal projection.
-        anomaly_map_source: what the map is the residual of: ``"memory"`` (each input feature against its
-            nearest learned normal prototype: the RAM's global normal memory in its hard form, the fastest map, since
-            it needs no attention at inference; ``"prototype"`` is its older name), ``"position"`` (Mahalanobis
-            distance to the position model's normal Gaussian at the same position: for aligned parts), ``"fused"``
-            (the default: both distances standardized by their cross-fitted normal statistics, then weighted by
-            ``fusion_weight``, which ``ura_monai.engines.calibration.select_fusion_weight`` chooses on synthetic
-            defects: objects that move lean on the memory, aligned parts on the position model),
-            ``"restoration"`` (against the RAM's attention restoration from normal context and prototypes),
-            ``"restored"`` (against the perception-gated restored features) or ``"perception"`` (the default with
-            ``perception_input="signals"``: the perception module's anomaly logit, posterior-mean pass, which
-            starts as the ``fused`` map and is trained to correct it; with features: the anomaly probability).
-            See docs/design.md for the measurements behind the default.
+        anomaly_map_source: what the map is made of: ``"perception"`` (default with ``perception_input="signals"``:
+            the perception module's posterior-mean anomaly logit, which starts as the ``fused`` map and is trained
+            to correct it; with features: the anomaly probability), ``"fused"`` (the memory and position distances,
+            standardized by their cross-fitted normal statistics and weighted by ``fusion_weight``, chosen on
+            synthetic defects), ``"memory"`` (distance to the nearest entry of the RAM's normal memory, the fastest;
+            ``"prototype"`` is its older name), ``"position"`` (Mahalanobis distance to the normal Gaussian of the
+            same position), ``"restoration"`` (residual to the RAM's restoration) or ``"restored"`` (residual to
+            the gated restored features). docs/design.md has the measurements behind the default.
         sigma: Gaussian smoothing of the map, in pixels.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of pixels averaged by ``topk_mean``.
     """
 
-    map_calibration: torch.Tensor  # buffer
+    map_calibration: torch.Tensor  # buffers
+    residual_calibration: torch.Tensor
 
     def __init__(
         self,
@@ -161,6 +197,11 @@ class URANet(nn.Module):
         num_heads: int = 4,
         exclude_radius: int = 1,
         distance_attention: bool = True,
+        ram_network: str = "transformer",
+        ram_depth: int = 3,
+        ram_patch_size: int = 2,
+        num_normal_tokens: int = 16,
+        ram_mask_ratio: float = 0.25,
         residual: str = "l2",
         position_model: bool = True,
         position_dim: int = 64,
@@ -181,9 +222,8 @@ class URANet(nn.Module):
             anomaly_map_source, use_uiapm, use_ram, position_model, perception_input
         )
         self.perception_input = perception_input
-        if residual not in RESIDUALS:
-            raise ValueError(f"residual must be one of {RESIDUALS}, got '{residual}'")
-        self.residual = residual
+        self.residual = _checked_choice("residual", residual, RESIDUALS)
+        _checked_choice("ram_network", ram_network, RAM_NETWORKS)
         self.score_mode, self.top_k = score_mode, top_k
         self.equalize_levels = equalize_levels
         image_score(torch.zeros(1, 1, 2, 2), score_mode, top_k)  # fail early on a bad mode
@@ -195,22 +235,19 @@ class URANet(nn.Module):
         self.level_channels = self.feature_extractor.level_channels
         fasm_options = (fasm_mask_types, fasm_corruptions, tuple(fasm_area_range), tuple(fasm_noise_scale))
         self.fasm = FeatureAnomalySynthesis(*fasm_options, fasm_probability) if use_fasm else None
-        self.uiapm = (
-            _perception_module(perception_input, channels, perception_hidden, latent_channels, num_samples)
-            if use_uiapm
-            else None
-        )
-        self.ram = (
-            RestorationAttention(channels, num_prototypes, embed_dim, num_heads, exclude_radius, distance_attention)
-            if use_ram
-            else None
-        )
         grid = (image_size // feature_stride, image_size // feature_stride)
+        signals = 3 if use_ram and ram_network == "transformer" else 2  # the transformer's residual is the third
+        perception = (perception_input, channels, perception_hidden, latent_channels, num_samples, signals)
+        self.uiapm = _perception_module(*perception) if use_uiapm else None
+        self.ram = _restoration_module(self.config, channels, grid)
         self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
         # mean and std of the memory and position distances on normal features no statistic saw (cross-fitted)
         self.register_buffer("map_calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         # weight of the memory term in the fused map (the position term gets 1 - w); chosen on synthetic defects
         self.register_buffer("fusion_weight", torch.tensor(0.5))
+        # the residual's mean and std on normal training features, and its share in the perception's prior map
+        self.register_buffer("residual_calibration", torch.tensor([0.0, 1.0]))
+        self.register_buffer("residual_weight", torch.tensor(0.0))
         self.map_generator = AnomalyMapGenerator(sigma)
 
     # ------------------------------------------------------------------ features -> URA-Net
@@ -233,6 +270,21 @@ class URANet(nn.Module):
         else:
             corrupted, mask = features, torch.zeros_like(features[:, :1])
         out["input"], out["mask"] = corrupted, mask
+        if self.masks_by_prior:
+            # the restoration transformer masks what the normal models' prior flags (no perception needed), and its
+            # residual joins the perception's signals
+            with torch.no_grad():
+                memory, position = self.raw_distances(corrupted)
+            restoration = cast(RestorationTransformer, self.ram)(corrupted, self.restoration_mask(memory, position))
+            out.update(restoration._asdict())
+            if self.has_signal_perception:
+                with torch.no_grad():  # trained in its own stage; here for the outputs only (no loss)
+                    residual = (corrupted - restoration.restoration).norm(dim=1, keepdim=True)
+                    out["perception_logit"], perception = self.perceive_distances(
+                        memory, position, num_samples, residual
+                    )
+                out["probability"], out["uncertainty"] = perception.probability, perception.uncertainty
+            return out
         probability = uncertainty = None
         if self.has_signal_perception:
             # trained in its own stage on cross-fitted signals (engines/perception.py); here it only gates the RAM,
@@ -292,8 +344,11 @@ class URANet(nn.Module):
         return w * memory + (1.0 - w) * position
 
     # ------------------------------------------------------------------ the perception of discrepancy signals
-    def signals_from_distances(self, memory: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(signals (B, 2, h, w), prior map (B, 1, h, w))`` from raw memory and position distances: the
+    def signals_from_distances(
+        self, memory: torch.Tensor, position: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(signals (B, 2 or 3, h, w), prior map (B, 1, h, w))`` from raw memory and position distances (and the
+        restoration transformer's ``residual``, the third signal, which a model with that RAM needs): the
         standardized distances (a part the model lacks is zeros and left out of the prior map) and their fusion."""
         z_memory, z_position = self.standardize(memory, position)
         if self.ram is None:
@@ -302,7 +357,37 @@ class URANet(nn.Module):
             z_position, prior = torch.zeros_like(z_memory), z_memory
         else:
             prior = self.fuse(z_memory, z_position)
-        return torch.cat([z_memory, z_position], 1), prior
+        if not self.uses_residual_signal:
+            return torch.cat([z_memory, z_position], 1), prior
+        if residual is None:
+            raise ValueError("the signal perception of a model with the restoration transformer needs its residual")
+        res_mean, res_std = self.residual_calibration.to(residual.dtype)
+        z_residual = (residual - res_mean) / res_std
+        v = self.residual_weight.to(residual.dtype)
+        return torch.cat([z_memory, z_position, z_residual], 1), (1.0 - v) * prior + v * z_residual
+
+    def prior_map(self, memory: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """The fused map (B, 1, h, w) of raw distances (or the one normal model's standardized distance)."""
+        z_memory, z_position = self.standardize(memory, position)
+        if self.ram is None:
+            return z_position
+        return z_memory if self.position_model is None else self.fuse(z_memory, z_position)
+
+    def restoration_mask(self, memory: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+        """What the restoration transformer masks (B, 1, h, w): ``sigmoid(prior - 3)`` of raw distances."""
+        return torch.sigmoid(self.prior_map(memory, position) - RESTORATION_MASK_OFFSET)
+
+    @torch.no_grad()
+    def restoration_residual(
+        self, features: torch.Tensor, memory: torch.Tensor, position: torch.Tensor, batch_size: int = 32
+    ) -> torch.Tensor:
+        """L2 residual (B, 1, h, w) of the restoration transformer, masked by the prior of the raw distances."""
+        if not isinstance(self.ram, RestorationTransformer):
+            raise ValueError("the restoration residual needs the restoration transformer (ram_network='transformer')")
+        parts = []
+        for x, m, p in zip(features.split(batch_size), memory.split(batch_size), position.split(batch_size)):
+            parts.append((x - self.ram.restore(x, self.restoration_mask(m, p))).norm(dim=1, keepdim=True))
+        return torch.cat(parts) if parts else features[:, :1]
 
     @torch.no_grad()
     def raw_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -318,19 +403,34 @@ class URANet(nn.Module):
         return self.uiapm is not None and self.perception_input == "signals"
 
     @property
+    def masks_by_prior(self) -> bool:
+        """Whether the RAM is the restoration transformer masked by the normal models' prior (with any perception
+        but the feature perception, whose probability gates the RAM as in the first design)."""
+        return isinstance(self.ram, RestorationTransformer) and (self.uiapm is None or self.has_signal_perception)
+
+    @property
+    def uses_residual_signal(self) -> bool:
+        """Whether the signal perception reads the restoration transformer's residual as its third signal."""
+        return self.has_signal_perception and isinstance(self.ram, RestorationTransformer)
+
+    @property
     def uses_signal_map(self) -> bool:
         """Whether the anomaly map is the signal perception's logit (the default)."""
         return self.anomaly_map_source == "perception" and self.has_signal_perception
 
     def perceive_distances(
-        self, memory: torch.Tensor, position: torch.Tensor, num_samples: int | None = None
+        self,
+        memory: torch.Tensor,
+        position: torch.Tensor,
+        num_samples: int | None = None,
+        residual: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, PerceptionOutput]:
-        """The signal perception of raw memory and position distances: ``(anomaly logit of the posterior-mean pass
-        (B, 1, h, w), the outputs of ``num_samples`` stochastic passes (the same deterministic pass when that is
-        0))``."""
+        """The signal perception of raw memory and position distances (and the restoration ``residual``, see
+        :meth:`signals_from_distances`): ``(anomaly logit of the posterior-mean pass (B, 1, h, w), the outputs of
+        ``num_samples`` stochastic passes (the same deterministic pass when that is 0))``."""
         if self.uiapm is None:
             raise ValueError("the signal perception needs UIAPM (use_uiapm=True)")
-        signals, prior = self.signals_from_distances(memory, position)
+        signals, prior = self.signals_from_distances(memory, position, residual)
         deterministic = self.uiapm(signals, 0, prior)
         t = self.uiapm.num_samples if num_samples is None else num_samples
         passes = self.uiapm(signals, t, prior) if t > 0 else deterministic
@@ -339,8 +439,11 @@ class URANet(nn.Module):
     def signal_perception(
         self, features: torch.Tensor, num_samples: int | None = None
     ) -> tuple[torch.Tensor, PerceptionOutput]:
-        """:meth:`perceive_distances` of the distances of ``features`` to the normal models."""
-        return self.perceive_distances(*self.raw_distances(features), num_samples)
+        """:meth:`perceive_distances` of the distances of ``features`` to the normal models (and of their restoration
+        residual)."""
+        memory, position = self.raw_distances(features)
+        residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
+        return self.perceive_distances(memory, position, num_samples, residual)
 
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
@@ -415,7 +518,8 @@ class URANet(nn.Module):
         extractor's keys never count as missing: the frozen backbone is rebuilt from its weights file, and
         checkpoints older than the level scale keep its unit default (raw levels, as they were trained)."""
         missing, unexpected = self.load_state_dict(state_dict, strict=False)
-        return [k for k in missing if not k.startswith("feature_extractor.")], list(unexpected)
+        missing = [k for k in missing if not k.startswith("feature_extractor.") and k not in OPTIONAL_BUFFERS]
+        return missing, list(unexpected)
 
     @torch.no_grad()
     def fit_normal_statistics(self, features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -446,7 +550,9 @@ class URANet(nn.Module):
         without the position model."""
         source = self.anomaly_map_source
         if self.uses_signal_map:
-            return self.perceive_distances(*self.cross_fitted_distances(features, generator=generator), 0)[0]
+            memory, position = self.cross_fitted_distances(features, generator=generator)
+            residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
+            return self.perceive_distances(memory, position, 0, residual)[0]
         if source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None:
             return None
         memory, position = self.cross_fitted_distances(features, generator=generator)
@@ -482,30 +588,10 @@ class URANet(nn.Module):
         position)``; the query parts are empty without queries."""
         if self.ram is None and self.position_model is None:
             raise ValueError("cross-fitted distances need the RAM's memory or the position model")
-        n = features.shape[0]
-        folds = max(2, min(folds, n))
-        bounds = torch.linspace(0, n, folds + 1).round().long().tolist()
-        memory, position = torch.zeros_like(features[:, :1]), torch.zeros_like(features[:, :1])
-        if queries is None or query_rows is None:
-            queries, query_rows = features[:0], torch.zeros(0, dtype=torch.long)
-        query_memory, query_position = torch.zeros_like(queries[:, :1]), torch.zeros_like(queries[:, :1])
-        held_out_model = None if self.position_model is None else copy.deepcopy(self.position_model)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
-            others = torch.cat([features[:lo], features[hi:]])
-            picked = ((query_rows >= lo) & (query_rows < hi)).to(queries.device)
-            if self.ram is not None:
-                tokens = others.permute(0, 2, 3, 1).reshape(-1, others.shape[1])
-                count = self.ram.prototypes.shape[0]
-                bank = tokens[torch.randperm(tokens.shape[0], generator=generator)[:count].to(tokens.device)]
-                memory[lo:hi] = nearest_distance(features[lo:hi], bank)
-                if picked.any():
-                    query_memory[picked] = nearest_distance(queries[picked], bank)
-            if held_out_model is not None:
-                held_out_model.fit(others)
-                position[lo:hi] = held_out_model(features[lo:hi])
-                if picked.any():
-                    query_position[picked] = held_out_model(queries[picked])
-        return memory, position, query_memory, query_position
+        memory_size = 0 if self.ram is None else self.ram.prototypes.shape[0]
+        return cross_fitted_normal_distances(
+            features, queries, query_rows, memory_size, self.position_model, folds, generator
+        )
 
     @torch.no_grad()
     def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
