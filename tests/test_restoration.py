@@ -9,7 +9,7 @@ import torch
 from test_ura_net import brick_images
 
 from ura_monai.engines.calibration import calibrate_restoration_residual, select_residual_weight
-from ura_monai.engines.workflow import DEFAULT_EPOCHS, DEFAULT_MIN_STEPS, default_epochs
+from ura_monai.engines.workflow import default_schedule
 from ura_monai.losses.ura_loss import RestorationLoss
 from ura_monai.networks.blocks.fasm import FeatureAnomalySynthesis
 from ura_monai.networks.blocks.restoration import RestorationTransformer, sincos_positions
@@ -159,9 +159,7 @@ def test_checkpoints_without_the_residual_buffers_load(tmp_path):
     assert loaded.residual_calibration.tolist() == [0.0, 1.0] and float(loaded.residual_weight) == 0.0
 
 
-@pytest.mark.parametrize(
-    "samples,batch,expected", [(25, 8, 100), (343, 8, 8), (2000, 8, DEFAULT_EPOCHS), (4, 8, DEFAULT_MIN_STEPS)]
-)
-def test_default_epochs_reach_the_minimum_number_of_steps(samples, batch, expected):
-    # 25 images: 3 full batches an epoch -> 100 epochs; 343: 42 -> 8; 2000: 250 a pass -> 3; 4 < batch: 1 a pass
-    assert default_epochs(samples, batch) == expected
+@pytest.mark.parametrize("samples,batch,expected", [(25, 8, (3, 100)), (343, 8, (3, 100)), (2000, 8, (3, None))])
+def test_the_default_schedule_gives_the_network_300_steps(samples, batch, expected):
+    # 25 images: 3 full batches a pass, cycled to 100 steps an epoch; 343: 42 -> 100; 2000: 250 a pass, as is
+    assert default_schedule(samples, batch) == expected

@@ -28,7 +28,7 @@ from ura_monai.utils.paths import mark_output_dir
 
 __all__ = [
     "FeatureBankDataset",
-    "default_epochs",
+    "default_schedule",
     "fit",
     "split_normal_validation",
     "training_channels",
@@ -51,8 +51,8 @@ class _GeneratorState:
 
 
 TRAIN_STATE_NAME = "train_state.pt"
-# the default schedule (``epochs=None``): at least 3 passes over the cache and at least 300 optimizer steps, so that
-# the restoration transformer trains on a small set (25 images: 3 steps an epoch) as on a large one
+# the default schedule (``epochs=None``): 3 epochs of at least 100 optimizer steps each (a small set is cycled), so
+# that the restoration transformer trains on 25 images (3 steps a pass) as on a large set
 DEFAULT_EPOCHS = 3
 DEFAULT_MIN_STEPS = 300
 # the settings a resumed run must share with the saved one (the epoch count may grow)
@@ -144,8 +144,8 @@ def fit(
         output_dir: where ``model.pt``, ``train_state/`` (resumable state) and ``runs/`` (TensorBoard) go.
         image_size: square input size (a multiple of 32).
         epochs: passes of the main loop (RAM training) over the cached training features; None (default) is the
-            CPU schedule, :func:`default_epochs`: 3 passes, more for a small set so that the RAM gets 300 optimizer
-            steps (docs/benchmarks.md has its cost); 20 is the longer schedule.
+            CPU schedule, :func:`default_schedule`: 3 epochs, each at least 100 optimizer steps long (a small set is
+            cycled within an epoch; docs/benchmarks.md has its cost); 20 is the longer schedule.
         batch_size: batch size of images and of features.
         learning_rate, weight_decay: AdamW settings.
         augment: cached views: ``none``, ``hflip`` or ``dihedral`` (see ``augmented_views``).
@@ -180,8 +180,8 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     dataset = _normal_feature_cache(model, fit_items, image_size, augment, channels, batch_size, device, num_workers,
                                     amp, progress, generator)
-    epochs = default_epochs(len(dataset), batch_size) if epochs is None else epochs
-    losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs=epochs, learning_rate=learning_rate,
+    epochs, epoch_length = default_schedule(len(dataset), batch_size) if epochs is None else (epochs, None)
+    losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs, epoch_length, learning_rate=learning_rate,
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
                     tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
@@ -197,11 +197,13 @@ def fit(
     # fmt: on
 
 
-def default_epochs(samples: int, batch_size: int) -> int:
-    """Epochs of the default schedule for ``samples`` cached training features: ``DEFAULT_EPOCHS``, or more when
-    that gives fewer than ``DEFAULT_MIN_STEPS`` optimizer steps (the loader drops the last partial batch)."""
-    steps_per_epoch = max(1, samples // batch_size) if samples > batch_size else 1
-    return max(DEFAULT_EPOCHS, -(-DEFAULT_MIN_STEPS // steps_per_epoch))
+def default_schedule(samples: int, batch_size: int) -> tuple[int, int | None]:
+    """``(epochs, epoch length in steps)`` of the default schedule for ``samples`` cached training features:
+    ``DEFAULT_EPOCHS`` passes, each lengthened (the loader cycled) to reach ``DEFAULT_MIN_STEPS`` steps in all; None:
+    one pass over the loader (which drops the last partial batch)."""
+    steps_per_pass = max(1, samples // batch_size) if samples > batch_size else 1
+    needed = -(-DEFAULT_MIN_STEPS // DEFAULT_EPOCHS)
+    return DEFAULT_EPOCHS, (needed if steps_per_pass < needed else None)
 
 
 def _normal_feature_cache(
@@ -288,6 +290,7 @@ def _train(
     run_config: dict[str, Any],
     saved: tuple[dict[str, Any] | None, Path | None],
     epochs: int,
+    epoch_length: int | None,
     learning_rate: float,
     weight_decay: float,
     device: torch.device,
@@ -296,8 +299,8 @@ def _train(
     progress: bool,
     tensorboard: bool,
 ) -> dict[str, float]:
-    """Train on the cached features for ``epochs`` (continuing the ``saved`` state when there is one), saving the
-    training state after every epoch; returns the last epoch's loss terms."""
+    """Train on the cached features for ``epochs`` of ``epoch_length`` steps (None: one pass; continuing the ``saved``
+    state when there is one), saving the training state after every epoch; returns the last epoch's loss terms."""
     if not any(p.requires_grad for p in model.parameters()):
         return {}  # the signal perception without the RAM: nothing for the main loop to train
     trainer, optimizer, scheduler = _trainer(
@@ -305,6 +308,7 @@ def _train(
         dataset,
         generator,
         epochs,
+        epoch_length,
         run_config["batch_size"],
         learning_rate,
         weight_decay,
@@ -397,6 +401,7 @@ def _trainer(
     dataset: FeatureBankDataset,
     generator: torch.Generator,
     epochs: int,
+    epoch_length: int | None,
     batch_size: int,
     learning_rate: float,
     weight_decay: float,
@@ -420,10 +425,11 @@ def _trainer(
         betas=(0.9, 0.95),
         weight_decay=weight_decay,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineDecay(epochs * len(loader)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, CosineDecay(epochs * (epoch_length or len(loader))))
     trainer = URANetTrainer(
         device=device,
         max_epochs=epochs,
+        epoch_length=epoch_length,
         train_data_loader=loader,
         network=model,
         optimizer=optimizer,
