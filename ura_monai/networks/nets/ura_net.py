@@ -384,10 +384,11 @@ class URANet(nn.Module):
         """L2 residual (B, 1, h, w) of the restoration transformer, masked by the prior of the raw distances."""
         if not isinstance(self.ram, RestorationTransformer):
             raise ValueError("the restoration residual needs the restoration transformer (ram_network='transformer')")
-        parts = []
-        for x, m, p in zip(features.split(batch_size), memory.split(batch_size), position.split(batch_size)):
-            parts.append((x - self.ram.restore(x, self.restoration_mask(m, p))).norm(dim=1, keepdim=True))
-        return torch.cat(parts) if parts else features[:, :1]
+        if torch.jit.is_tracing() or features.shape[0] <= batch_size:  # exported: any batch, no loop in the graph
+            restoration = self.ram.restore(features, self.restoration_mask(memory, position))
+            return (features - restoration).norm(dim=1, keepdim=True)
+        batches = zip(features.split(batch_size), memory.split(batch_size), position.split(batch_size))
+        return torch.cat([self.restoration_residual(x, m, p, batch_size) for x, m, p in batches])
 
     @torch.no_grad()
     def raw_distances(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -404,8 +405,7 @@ class URANet(nn.Module):
 
     @property
     def masks_by_prior(self) -> bool:
-        """Whether the RAM is the restoration transformer masked by the normal models' prior (with any perception
-        but the feature perception, whose probability gates the RAM as in the first design)."""
+        """Whether the RAM is the restoration transformer masked by the normal models' prior (not the feature perception)."""
         return isinstance(self.ram, RestorationTransformer) and (self.uiapm is None or self.has_signal_perception)
 
     @property
