@@ -9,7 +9,7 @@ the position model; ``docs/design.md`` has the measurements.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -73,9 +73,15 @@ def _grid_targets(normal_count: int, defect_masks: torch.Tensor, grid: tuple[int
     return torch.cat([torch.zeros(normal_count, 1, *grid, dtype=torch.bool), cells.cpu()])
 
 
-def _best(scores: dict[float, float], target: torch.Tensor, default: float) -> float:
-    """The weight with the best score (ties: the smallest weight), or ``default`` without any positive cell."""
-    return max(scores, key=lambda w: (scores[w], -w)) if target.any() else default
+def _pick(
+    make_map: Callable[[float], torch.Tensor], target: torch.Tensor, weights: Sequence[float], default: float
+) -> tuple[float, dict[float, float]]:
+    """``(chosen weight, {weight: pixel AP of make_map(weight) against target})``: the best (ties: the smallest
+    weight), or ``default`` (scores NaN) without any positive cell."""
+    if not target.any():
+        return default, {float(w): float("nan") for w in weights}
+    scores = {float(w): average_precision(make_map(float(w)).cpu().flatten(), target.flatten()) for w in weights}
+    return max(scores, key=lambda w: (scores[w], -w)), scores
 
 
 @torch.no_grad()
@@ -94,11 +100,8 @@ def select_fusion_weight(
     features = torch.cat([normal_features, defect_features]).to(next(model.buffers()).device)
     memory, position = model.standardized_distances(features)
     target = _grid_targets(normal_features.shape[0], defect_masks, (memory.shape[-2], memory.shape[-1]))
-    scores = {}
-    for weight in weights:
-        fused = model.fuse(memory, position, float(weight)).cpu()
-        scores[float(weight)] = average_precision(fused.flatten(), target.flatten()) if target.any() else float("nan")
-    model.fusion_weight.fill_(_best(scores, target, 0.5))
+    best, scores = _pick(lambda w: model.fuse(memory, position, w), target, weights, 0.5)
+    model.fusion_weight.fill_(best)
     return scores
 
 
@@ -116,16 +119,13 @@ def select_residual_weight(
     model = cast("URANet", unwrap(network))
     features = torch.cat([normal_features, defect_features]).to(model.residual_calibration.device)
     memory, position = model.raw_distances(features)
-    residual = model.restoration_residual(features, memory, position)
-    fused = model.fuse(*model.standardize(memory, position))
-    res_mean, res_std = model.residual_calibration.to(residual.dtype)
-    z_residual = (residual - res_mean) / res_std
+    z_residual = model.signals_from_distances(memory, position, model.restoration_residual(features, memory, position))[
+        0
+    ][:, 2:]
+    fused = model.prior_map(memory, position)
     target = _grid_targets(normal_features.shape[0], defect_masks, (memory.shape[-2], memory.shape[-1]))
-    scores = {}
-    for weight in weights:
-        prior = ((1.0 - weight) * fused + weight * z_residual).cpu()
-        scores[float(weight)] = average_precision(prior.flatten(), target.flatten()) if target.any() else float("nan")
-    model.residual_weight.fill_(_best(scores, target, 0.0))
+    best, scores = _pick(lambda v: (1.0 - v) * fused + v * z_residual, target, weights, 0.0)
+    model.residual_weight.fill_(best)
     return scores
 
 
