@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from ura_monai.engines.calibration import calibrate_restoration_residual, select
 from ura_monai.engines.workflow import default_schedule
 from ura_monai.losses.ura_loss import RestorationLoss
 from ura_monai.networks.blocks.fasm import FeatureAnomalySynthesis
+from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.restoration import RestorationTransformer, sincos_positions
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets import URANet
@@ -98,6 +100,7 @@ def test_restoration_learns_to_restore_corrupted_features():
 
 def _fitted(**kwargs) -> tuple[URANet, torch.Tensor]:
     torch.manual_seed(0)
+    kwargs = {"ram_network": "transformer", **kwargs}
     model = URANet(image_size=SIZE, num_prototypes=64, num_samples=2, embed_dim=32, num_heads=2, **kwargs).eval()
     with torch.no_grad():
         bank = model.fit_normal_statistics(
@@ -160,6 +163,40 @@ def test_checkpoints_without_the_residual_buffers_load(tmp_path):
 
 
 @pytest.mark.parametrize("samples,batch,expected", [(25, 8, (3, 100)), (343, 8, (3, 100)), (2000, 8, (3, None))])
-def test_the_default_schedule_gives_the_network_300_steps(samples, batch, expected):
+def test_the_default_schedule_gives_the_transformer_300_steps(samples, batch, expected):
     # 25 images: 3 full batches a pass, cycled to 100 steps an epoch; 343: 42 -> 100; 2000: 250 a pass, as is
-    assert default_schedule(samples, batch) == expected
+    transformer = types.SimpleNamespace(ram=RestorationTransformer(12, (8, 8), num_prototypes=4, hidden_size=16))
+    assert default_schedule(transformer, samples, batch) == expected
+    # the attention RAM: plain passes (its default map does not depend on the length)
+    attention = types.SimpleNamespace(ram=RestorationAttention(12, num_prototypes=4, embed_dim=8, num_heads=2))
+    assert default_schedule(attention, samples, batch) == (3, None)
+
+
+def test_an_exported_transformer_model_takes_any_batch():
+    """TorchScript of the zoo's network_def with the restoration transformer: the same maps as eager, for a batch
+    larger than the residual's internal batch size too (no batch loop is baked into the trace)."""
+    from ura_monai.networks.nets.export import URANetExport
+
+    model, bank = _fitted()
+    calibrate_restoration_residual(model, bank)
+    export = URANetExport(model, num_samples=0).eval()
+    scripted = torch.jit.script(export)
+    for batch in (2, 40):
+        images = brick_images(batch, SIZE, seed=3)
+        with torch.no_grad():
+            torch.testing.assert_close(scripted(images), export(images), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("source", ["perception", "restoration", "restored"])
+def test_fast_path_matches_the_transformer_model(source):
+    from ura_monai.inference.fast import FastURANet
+
+    model, bank = _fitted(anomaly_map_source=source)
+    calibrate_restoration_residual(model, bank)
+    images = brick_images(3, SIZE, seed=4)
+    with torch.inference_mode():
+        torch.manual_seed(7)
+        expected = model(images, num_samples=0)
+        got = FastURANet(model)(images, num_samples=0)
+    for key in ("anomaly_map", "pred_score"):
+        torch.testing.assert_close(got[key], expected[key], atol=1e-3, rtol=1e-4)

@@ -21,6 +21,7 @@ from ura_monai.engines.perception import train_perception_from_items
 from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.losses.ura_loss import URANetLoss
+from ura_monai.networks.blocks.restoration import RestorationTransformer
 from ura_monai.networks.checkpoint import save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.utils.fileio import atomic_torch_save
@@ -51,8 +52,8 @@ class _GeneratorState:
 
 
 TRAIN_STATE_NAME = "train_state.pt"
-# the default schedule (``epochs=None``): 3 epochs of at least 100 optimizer steps each (a small set is cycled), so
-# that the restoration transformer trains on 25 images (3 steps a pass) as on a large set
+# the default schedule (``epochs=None``): 3 epochs; with the restoration transformer each of at least 100 optimizer
+# steps (a small set is cycled), so that it trains on 25 images (3 steps a pass) as on a large set
 DEFAULT_EPOCHS = 3
 DEFAULT_MIN_STEPS = 300
 # the settings a resumed run must share with the saved one (the epoch count may grow)
@@ -144,8 +145,9 @@ def fit(
         output_dir: where ``model.pt``, ``train_state/`` (resumable state) and ``runs/`` (TensorBoard) go.
         image_size: square input size (a multiple of 32).
         epochs: passes of the main loop (RAM training) over the cached training features; None (default) is the
-            CPU schedule, :func:`default_schedule`: 3 epochs, each at least 100 optimizer steps long (a small set is
-            cycled within an epoch; docs/benchmarks.md has its cost); 20 is the longer schedule.
+            CPU schedule, :func:`default_schedule`: 3 epochs (with the restoration transformer each at least 100
+            optimizer steps long, a small set cycled within an epoch; docs/benchmarks.md has its cost); 20 is the
+            longer schedule.
         batch_size: batch size of images and of features.
         learning_rate, weight_decay: AdamW settings.
         augment: cached views: ``none``, ``hflip`` or ``dihedral`` (see ``augmented_views``).
@@ -180,7 +182,7 @@ def fit(
     generator = torch.Generator().manual_seed(seed)
     dataset = _normal_feature_cache(model, fit_items, image_size, augment, channels, batch_size, device, num_workers,
                                     amp, progress, generator)
-    epochs, epoch_length = default_schedule(len(dataset), batch_size) if epochs is None else (epochs, None)
+    epochs, epoch_length = default_schedule(model, len(dataset), batch_size) if epochs is None else (epochs, None)
     losses = _train(model, dataset, generator, output_dir, run_config, saved, epochs, epoch_length, learning_rate=learning_rate,
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
                     tensorboard=tensorboard)
@@ -197,10 +199,13 @@ def fit(
     # fmt: on
 
 
-def default_schedule(samples: int, batch_size: int) -> tuple[int, int | None]:
+def default_schedule(model: URANet, samples: int, batch_size: int) -> tuple[int, int | None]:
     """``(epochs, epoch length in steps)`` of the default schedule for ``samples`` cached training features:
-    ``DEFAULT_EPOCHS`` passes, each lengthened (the loader cycled) to reach ``DEFAULT_MIN_STEPS`` steps in all; None:
-    one pass over the loader (which drops the last partial batch)."""
+    ``DEFAULT_EPOCHS`` passes; with the restoration transformer each is lengthened (the loader cycled) to reach
+    ``DEFAULT_MIN_STEPS`` steps in all (the attention RAM's default map does not depend on the length). None: one
+    pass over the loader (which drops the last partial batch)."""
+    if not isinstance(model.ram, RestorationTransformer):
+        return DEFAULT_EPOCHS, None
     steps_per_pass = max(1, samples // batch_size) if samples > batch_size else 1
     needed = -(-DEFAULT_MIN_STEPS // DEFAULT_EPOCHS)
     return DEFAULT_EPOCHS, (needed if steps_per_pass < needed else None)

@@ -140,10 +140,11 @@ class URANet(nn.Module):
         num_heads: RAM attention heads.
         exclude_radius: attention RAM only: masks this Chebyshev neighbourhood around each query (no self-copying).
         distance_attention: attention RAM only: adds a learned-temperature feature-distance term to its logits.
-        ram_network: the RAM's restoration network: ``"transformer"`` (default: :class:`RestorationTransformer`,
-            masked restoration with feed-forward blocks, a decoder, learned normal tokens and cross-attention to
-            the normal memory; its residual is the signal perception's third signal) or ``"attention"`` (the first
-            design, :class:`RestorationAttention`: one attention layer, a convex combination of normal features).
+        ram_network: the RAM's restoration network: ``"attention"`` (default: :class:`RestorationAttention`, one
+            attention layer, a convex combination of normal context and prototypes) or ``"transformer"``
+            (:class:`RestorationTransformer`: masked restoration with feed-forward blocks, a decoder, learned normal
+            tokens and cross-attention to the normal memory; its residual is the signal perception's third signal).
+            docs/benchmarks.md (2026-12-07) has why the default stays the attention.
         ram_depth: transformer blocks of the restoration transformer.
         ram_patch_size: feature-grid cells per side of one restoration token.
         num_normal_tokens: learned normal tokens of the restoration transformer.
@@ -197,7 +198,7 @@ class URANet(nn.Module):
         num_heads: int = 4,
         exclude_radius: int = 1,
         distance_attention: bool = True,
-        ram_network: str = "transformer",
+        ram_network: str = "attention",
         ram_depth: int = 3,
         ram_patch_size: int = 2,
         num_normal_tokens: int = 16,
