@@ -335,6 +335,21 @@ def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
     assert not torch.allclose(restoration, prototype)  # another map, not the default under another name
 
 
+def test_fit_ram_network_transformer_is_stored_and_trained(demo, tmp_path):
+    """--ram-network transformer: the checkpoint holds the restoration transformer, its residual calibration and the
+    3-signal perception, and predicts."""
+    out = tmp_path / "fit"
+    args = ["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--image-size", str(SIZE)]
+    assert main([*args, "--epochs", "1", "--ram-network", "transformer", "--output", str(out), *QUIET]) == 0
+    checkpoint = read_checkpoint(out / "model.pt")
+    assert checkpoint["config"]["ram_network"] == "transformer"
+    assert any(k.startswith("ram.blocks.") for k in checkpoint["state_dict"])
+    assert checkpoint["state_dict"]["residual_calibration"][1] != 1.0  # calibrated on the training features
+    image = torch.from_numpy(np.asarray(Image.open(_test_images(demo)[0]), np.float32) / 255.0).permute(2, 0, 1)
+    out_maps = URANetPredictor(out / "model.pt", num_samples=2)(image[None])
+    assert torch.isfinite(out_maps["anomaly_map"]).all() and out_maps["uncertainty_map"].max() > 0
+
+
 def test_python_dash_m_entry_point(monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["ura-monai", "--help"])
     with pytest.raises(SystemExit) as exit_info:

@@ -172,6 +172,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         "use_fasm": not args.no_fasm,
         "use_uiapm": not args.no_uiapm,
         "use_ram": not args.no_ram,
+        "ram_network": args.ram_network,
         "score_mode": args.score_mode,
         "anomaly_map_source": args.map_source,
     }

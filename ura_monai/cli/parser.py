@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ura_monai.utils.enums import AugmentView, Backbone, Layout, MapSource, ScoreMode, VolumeAggregation
+from ura_monai.utils.enums import AugmentView, Backbone, Layout, MapSource, RamNetwork, ScoreMode, VolumeAggregation
 
 PROG = "ura-monai"
 OVERWRITE_HELP = (
@@ -104,6 +104,13 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-fasm", action="store_true", help="ablation: no feature-level anomaly synthesis")
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
+    p.add_argument(
+        "--ram-network",
+        choices=RamNetwork.choices(),
+        default="attention",
+        help="the RAM's restoration network: attention (default) or transformer (masked restoration with learned "
+        "normal tokens; its residual becomes a perception signal; see docs/benchmarks.md)",
+    )
     p.add_argument(
         "--score-mode",
         choices=ScoreMode.choices(),
