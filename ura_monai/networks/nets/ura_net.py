@@ -107,10 +107,10 @@ class URANet(nn.Module):
               -> discrepancy signals: z(distance to the nearest normal prototype of the RAM's memory),
                  z(Mahalanobis distance to the normal Gaussian at the same position), z = standardized on
                  cross-fitted normal distances; their fusion w * z_mem + (1 - w) * z_pos is the prior map
-              -> RAM: a transformer restores F' from normal context, learned normal tokens and the normal memory,
-                 with the positions the prior map flags masked -> restoration R; z(||F' - R||) is the third signal
               -> UIAPM(signals) -> anomaly logit = prior map + learned correction (default map), probability p and
                  uncertainty u from T stochastic passes
+              -> RAM(F', p, u) -> restoration R (from normal context and prototypes), restored p*R + (1-p)*F'
+                 (``ram_network="transformer"``: a masked-restoration transformer; z(||F' - R||) is a third signal)
                  (other map sources: the residual to R, the restored features, the memory, position or fused map)
               -> upsampled, Gaussian-smoothed anomaly map -> image score
 
@@ -143,8 +143,8 @@ class URANet(nn.Module):
         ram_network: the RAM's restoration network: ``"attention"`` (default: :class:`RestorationAttention`, one
             attention layer, a convex combination of normal context and prototypes) or ``"transformer"``
             (:class:`RestorationTransformer`: masked restoration with feed-forward blocks, a decoder, learned normal
-            tokens and cross-attention to the normal memory; its residual is the signal perception's third signal).
-            docs/benchmarks.md (2026-12-07) has why the default stays the attention.
+            tokens and cross-attention to the normal memory; its residual is the signal perception's third signal;
+            docs/benchmarks.md has why it is not the default).
         ram_depth: transformer blocks of the restoration transformer.
         ram_patch_size: feature-grid cells per side of one restoration token.
         num_normal_tokens: learned normal tokens of the restoration transformer.
@@ -440,8 +440,7 @@ class URANet(nn.Module):
     def signal_perception(
         self, features: torch.Tensor, num_samples: int | None = None
     ) -> tuple[torch.Tensor, PerceptionOutput]:
-        """:meth:`perceive_distances` of the distances of ``features`` to the normal models (and of their restoration
-        residual)."""
+        """:meth:`perceive_distances` of the distances of ``features`` to the normal models (and their residual)."""
         memory, position = self.raw_distances(features)
         residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
         return self.perceive_distances(memory, position, num_samples, residual)
@@ -596,6 +595,6 @@ class URANet(nn.Module):
 
     @torch.no_grad()
     def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Initialise the RAM's normal prototypes from normal training features (no-op without RAM)."""
+        """Fill the RAM's normal memory from normal training features (no-op without RAM)."""
         if self.ram is not None:
             self.ram.init_prototypes(features, generator)
