@@ -144,10 +144,8 @@ def fit(
         train_items: datalist of normal images (``label`` 0).
         output_dir: where ``model.pt``, ``train_state/`` (resumable state) and ``runs/`` (TensorBoard) go.
         image_size: square input size (a multiple of 32).
-        epochs: passes of the main loop (RAM training) over the cached training features; None (default) is the
-            CPU schedule, :func:`default_schedule`: 3 epochs (with the restoration transformer each at least 100
-            optimizer steps long, a small set cycled within an epoch; docs/benchmarks.md has its cost); 20 is the
-            longer schedule.
+        epochs: passes of the main loop (RAM training) over the cached features; None: the CPU schedule (3 epochs;
+            the restoration transformer's of 100 steps or more: :func:`default_schedule`); 20: the longer one.
         batch_size: batch size of images and of features.
         learning_rate, weight_decay: AdamW settings.
         augment: cached views: ``none``, ``hflip`` or ``dihedral`` (see ``augmented_views``).
