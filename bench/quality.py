@@ -190,9 +190,7 @@ def main(argv=None) -> dict:
         "--num-train-normal", type=int, default=None, help="oct2017 flat root: NORMAL images used for training"
     )
     parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument(
-        "--epochs", type=int, default=None, help="main-loop epochs (default: fit's CPU schedule, 3 or 300 steps)"
-    )
+    parser.add_argument("--epochs", type=int, default=None, help="main-loop epochs (default: fit's CPU schedule, 3)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--augment", default="none", choices=AugmentView.choices())

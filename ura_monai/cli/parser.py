@@ -82,8 +82,8 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "--epochs",
         type=_positive_int,
         default=None,
-        help="main-loop epochs over the cached features (default: the CPU schedule, 3 epochs or 300 steps, whichever "
-        "is longer; 20 is the longer GPU schedule, docs/benchmarks.md)",
+        help="main-loop epochs over the cached features (default: the CPU schedule, 3 epochs, each at least 100 steps "
+        "with --ram-network transformer; 20 is the longer GPU schedule, docs/benchmarks.md)",
     )
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
     p.add_argument(
@@ -239,7 +239,7 @@ def _add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "--epochs",
         type=_positive_int,
         default=None,
-        help="training epochs (default: fit's CPU schedule, 3 or 300 steps)",
+        help="training epochs (default: fit's CPU schedule, 3)",
     )
     p.add_argument("--image-size", type=_image_size, default=128, help="image and model size (default 128)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")

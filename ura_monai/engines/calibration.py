@@ -10,7 +10,7 @@ the position model; ``docs/design.md`` has the measurements.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -119,9 +119,8 @@ def select_residual_weight(
     model = cast("URANet", unwrap(network))
     features = torch.cat([normal_features, defect_features]).to(model.residual_calibration.device)
     memory, position = model.raw_distances(features)
-    z_residual = model.signals_from_distances(memory, position, model.restoration_residual(features, memory, position))[
-        0
-    ][:, 2:]
+    residual = model.restoration_residual(features, memory, position)
+    z_residual = model.signals_from_distances(memory, position, residual)[0][:, 2:]  # the third signal
     fused = model.prior_map(memory, position)
     target = _grid_targets(normal_features.shape[0], defect_masks, (memory.shape[-2], memory.shape[-1]))
     best, scores = _pick(lambda v: (1.0 - v) * fused + v * z_residual, target, weights, 0.0)
@@ -140,13 +139,13 @@ def fusion_weight_from_items(
     seed: int = 0,
     min_defects: int = 64,
     bank: torch.Tensor | None = None,
-) -> dict[Any, float] | None:
+) -> dict[str, float] | None:
     """:func:`select_fusion_weight` on held-out normal images ``items`` (a datalist no normal model was fitted on):
     enough synthetic variants of each to make ``min_defects`` defect images (at most 16 each); then, for a model
     whose perception reads the restoration residual and given its training ``bank``,
     :func:`calibrate_restoration_residual` and :func:`select_residual_weight` on the same defects. Returns the
-    scores (the residual's under ``"residual <v>"``), or None (weights unchanged) for a model without the fused
-    map's parts or no items."""
+    scores by weight (``"<w>"``, and the residual's ``"residual <v>"``), or None (weights unchanged) for a model
+    without the fused map's parts or no items."""
     from ura_monai.engines.loaders import image_loader
 
     model = unwrap(network)
@@ -162,7 +161,7 @@ def fusion_weight_from_items(
         return torch.cat([extractor(part.to(device)) for part in batch.split(batch_size)])
 
     normal_features, defect_features = features(images), features(defects)
-    scores: dict[Any, float] = dict(select_fusion_weight(model, normal_features, defect_features, masks))
+    scores = {f"{k:g}": v for k, v in select_fusion_weight(model, normal_features, defect_features, masks).items()}
     if bank is not None and model.uses_residual_signal:
         calibrate_restoration_residual(model, bank.to(device), batch_size)
         residual_scores = select_residual_weight(model, normal_features, defect_features, masks)

@@ -29,12 +29,7 @@ from ura_monai.utils.distributed import unwrap
 if TYPE_CHECKING:
     from ura_monai.networks.nets.ura_net import URANet
 
-__all__ = [
-    "perception_training_set",
-    "train_perception",
-    "train_perception_from_items",
-    "perception_loss",
-]
+__all__ = ["perception_training_set", "train_perception", "train_perception_from_items", "perception_loss"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +165,16 @@ def train_perception_from_items(
     batch_size: int = 8,
     seed: int = 0,
     progress: bool = False,
+    calibrate_residual: bool = True,
 ) -> dict[str, Any]:
     """:func:`train_perception` on the training datalist ``items`` whose cached features are ``bank`` (made by
     :func:`ura_monai.engines.features.extract_feature_bank` with the same ``batch_size``, any number of views),
-    after the restoration residual's calibration on ``bank`` (:func:`calibrate_restoration_residual`).
+    after the restoration residual's calibration on ``bank`` (:func:`calibrate_restoration_residual`; skipped
+    with ``calibrate_residual=False`` when the caller has done it, as ``fusion_weight_from_items`` does).
     Returns its summary, or ``{}`` when the model has no signal perception or FASM, or the cache does not match."""
     model = cast("URANet", unwrap(network))
-    calibrate_restoration_residual(model, bank.to(model.residual_calibration.device), batch_size)
+    if calibrate_residual:
+        calibrate_restoration_residual(model, bank.to(model.residual_calibration.device), batch_size)
     if not model.has_signal_perception or model.fasm is None or not items:
         return {}
     images = torch.cat([b["image"] for b in image_loader(items, image_size, batch_size, 0, channels)])

@@ -244,7 +244,7 @@ def _calibrate(
     seed: int,
     progress: bool = False,
 ) -> tuple[dict[str, float], dict[str, float] | None, dict[str, Any]]:
-    """``(thresholds, fusion weight scores by weight, perception training summary)`` after training.
+    """``(thresholds, fusion and residual weight scores by weight, perception training summary)`` after training.
 
     The fused map's weight is chosen on FASM's image-level synthetic defects painted into the held-out normal
     images (unseen by the normal models); it stays 0.5 without FASM or when too few images were held out. The
@@ -259,16 +259,16 @@ def _calibrate(
         fusion_scores = fusion_weight_from_items(
             model, val_items, image_size, channels, batch_size, device, seed, bank=bank
         )
-    perception = train_perception_from_items(model, fit_items, bank, image_size, channels, batch_size, seed, progress)
+    perception = train_perception_from_items(model, fit_items, bank, image_size, channels, batch_size, seed, progress,
+                                             calibrate_residual=fusion_scores is None)  # fmt: skip
     model.train(was_training)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
                                         device=device, num_workers=num_workers, amp=amp, training_features=bank)  # fmt: skip
-    scores = (
-        None
-        if fusion_scores is None
-        else {(f"{k:g}" if isinstance(k, float) else k): round(v, 4) for k, v in fusion_scores.items()}
+    return (
+        postprocessing,
+        None if fusion_scores is None else {k: round(v, 4) for k, v in fusion_scores.items()},
+        perception,
     )
-    return postprocessing, scores, perception
 
 
 def _fit_and_threshold_items(
