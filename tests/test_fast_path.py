@@ -15,7 +15,8 @@ import torch
 from ura_monai.inference.fast import FastURANet, fast_restoration, smoothing_matrix, token_residual
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_residual
 from ura_monai.networks.blocks.ram import RestorationAttention
-from ura_monai.networks.nets.ura_net import MAP_SOURCES, URANet
+from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.networks.nets.ura_net_options import MAP_SOURCES
 
 TOL = 1e-3
 # bf16 autocast on the CPU: the backbone and UIAPM run in bf16 (8-bit mantissa), so features differ from fp32 by

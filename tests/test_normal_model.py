@@ -85,6 +85,32 @@ def _small(source: str, **kw) -> URANet:
     ).eval()
 
 
+def test_the_coreset_memory_keeps_rare_normal_appearances():
+    from ura_monai.networks.blocks.ram import draw_normal_tokens, greedy_coreset
+
+    g = torch.Generator().manual_seed(0)
+    # 1,994 features of a common appearance, 20 of a rare one, 2 of a rarer one
+    common = torch.randn(1994, 16, generator=g) * 0.1
+    rare = torch.randn(20, 16, generator=g) * 0.1 + 5.0
+    rarer = torch.randn(2, 16, generator=g) * 0.1 - 5.0
+    tokens = torch.cat([common, rare, rarer])
+    chosen = greedy_coreset(tokens, 3, torch.Generator().manual_seed(1))
+    assert sorted(int(i >= 1994) + int(i >= 2014) for i in chosen) == [0, 1, 2]  # one of each appearance
+    features = tokens.T.reshape(1, 16, 63, 32)  # a (1, C, h, w) feature map whose positions are the tokens
+    flat = features.permute(0, 2, 3, 1).reshape(-1, 16)
+
+    def covering_radius(memory):  # the farthest any training feature is from the memory
+        return torch.cdist(flat, memory).amin(1).max()
+
+    coreset = draw_normal_tokens(features, 32, torch.Generator().manual_seed(2))
+    drawn = draw_normal_tokens(features, 32, torch.Generator().manual_seed(2), coreset=False)
+    assert covering_radius(coreset) < 0.5 * covering_radius(drawn)
+    # the random draw is the first draw_normal_tokens' (older checkpoints' cross-fitting reproduces)
+    assert torch.equal(drawn, flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(2))[:32]])
+    # fewer positions than asked: every position, repeated
+    assert draw_normal_tokens(features[..., :1, :2], 5).shape == (5, 16)
+
+
 def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
     torch.manual_seed(0)
     model = _small("fused")

@@ -8,7 +8,7 @@ from test_ura_net import brick_images
 
 from ura_monai.engines.perception import perception_loss, perception_training_set, train_perception
 from ura_monai.networks.nets import URANet
-from ura_monai.networks.nets.ura_net import _checked_map_source
+from ura_monai.networks.nets.ura_net_options import checked_map_source
 
 SIZE = 64
 
@@ -82,9 +82,9 @@ def test_without_fasm_the_perception_stays_the_fused_map(bricks):
 
 
 def test_map_source_rules_of_the_signal_perception():
-    assert _checked_map_source("perception", True, True, True) == "perception"
-    assert _checked_map_source("perception", False, True, True) == "fused"  # UIAPM off: the map it would correct
-    assert _checked_map_source("perception", False, True, False) == "memory"
-    assert _checked_map_source("fused", True, False, True) == "perception"  # RAM off: the perception of position
+    assert checked_map_source("perception", True, True, True) == "perception"
+    assert checked_map_source("perception", False, True, True) == "fused"  # UIAPM off: the map it would correct
+    assert checked_map_source("perception", False, True, False) == "memory"
+    assert checked_map_source("fused", True, False, True) == "perception"  # RAM off: the perception of position
     with pytest.raises(ValueError, match="perception_input"):
-        _checked_map_source("perception", True, True, True, "pixels")
+        checked_map_source("perception", True, True, True, "pixels")

@@ -567,6 +567,26 @@ def test_ablation_without_uiapm_and_ram_is_rejected():
         URANet(image_size=64, pretrained=False, use_ram=False, position_model=False)
 
 
+def test_the_image_score_reads_the_grid_map_unless_told_the_pixel_map():
+    model = URANet(image_size=64, **SMALL).eval()
+    grid = torch.zeros(2, 1, 8, 8)
+    grid[0, 0, 3, 4] = 1.0  # a defect of one feature cell
+    pixel = model.map_generator(grid, (64, 64))
+    assert float(pixel.max()) < 0.6  # the smoothed map dilutes it ...
+    assert torch.equal(model.score_images(grid, pixel), torch.tensor([1.0, 0.0]))  # ... the grid score does not
+    assert torch.equal(
+        URANet(image_size=64, score_map="pixel", **SMALL).score_images(grid, pixel), pixel.amax((1, 2, 3))
+    )
+    with pytest.raises(ValueError, match="score_map"):
+        URANet(image_size=64, score_map="patch", **SMALL)
+    # the forward's score is the maximum of its grid map, the signal perception's logit
+    images = brick_images(2, 64, seed=3)
+    features = model.fit_normal_statistics(model.feature_extractor(images))
+    with torch.no_grad():
+        expected = model.signal_perception(features, 0)[0].amax((1, 2, 3))
+        assert torch.allclose(model(images, num_samples=0)["pred_score"], expected, atol=1e-5)
+
+
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -627,6 +647,26 @@ def test_checkpoint_without_level_scale_loads_with_raw_levels(tmp_path):
     torch.save(raw, path)
     loaded, _ = load_checkpoint(path)
     assert torch.equal(loaded.feature_extractor.level_scale, torch.ones(loaded.feature_extractor.out_channels))
+
+
+def test_checkpoint_without_score_map_or_coreset_loads_as_it_was_written(tmp_path):
+    # checkpoints written before the grid score (their stored image threshold is on the smoothed map's scale) and
+    # before the coreset memory (their thresholds' cross-fitted memories were drawn at random)
+    model = URANet(image_size=64, **SMALL).eval()
+    assert model.score_map == "grid" and model.memory_coreset
+    path = save_checkpoint(tmp_path / "model.pt", model, {"image_threshold": 1.0}, {})
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    del raw["_extra_state"]["config"]["score_map"], raw["_extra_state"]["config"]["memory_coreset"]
+    torch.save(raw, path)
+    loaded, checkpoint = load_checkpoint(path)
+    assert loaded.score_map == "pixel" and not loaded.memory_coreset
+    assert checkpoint["config"]["score_map"] == "pixel" and checkpoint["config"]["memory_coreset"] is False
+    # into a network (the bundle's network_def) that scores the grid, the load names the setting to override
+    from ura_monai.networks.nets.export import URANetExport
+
+    with pytest.raises(ValueError, match="score_map"):
+        URANetExport(URANet(image_size=64, **SMALL)).load_state_dict(torch.load(path, weights_only=True))
+    URANetExport(URANet(image_size=64, score_map="pixel", **SMALL)).load_state_dict(torch.load(path, weights_only=True))
 
 
 def test_checkpoint_errors(tmp_path):

@@ -174,6 +174,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         "use_ram": not args.no_ram,
         "ram_network": args.ram_network,
         "score_mode": args.score_mode,
+        "score_map": args.score_map,
         "anomaly_map_source": args.map_source,
     }
     if args.no_uiapm and args.no_ram:

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ura_monai.utils.enums import AugmentView, Backbone, Layout, MapSource, RamNetwork, ScoreMode, VolumeAggregation
+from ura_monai.utils.enums import (
+    AugmentView,
+    Backbone,
+    Layout,
+    MapSource,
+    RamNetwork,
+    ScoreMap,
+    ScoreMode,
+    VolumeAggregation,
+)
 
 PROG = "ura-monai"
 OVERWRITE_HELP = (
@@ -116,6 +125,13 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
         choices=ScoreMode.choices(),
         default="max",
         help="image score from the anomaly map (default max)",
+    )
+    p.add_argument(
+        "--score-map",
+        choices=ScoreMap.choices(),
+        default="grid",
+        help="map the image score reads: the feature grid before upsampling and smoothing (grid, default, as "
+        "PatchCore scores patches) or the smoothed pixel map (pixel)",
     )
     p.add_argument(
         "--map-source",

@@ -18,7 +18,6 @@ from ignite.handlers.tqdm_logger import ProgressBar
 from ura_monai.engines.evaluator import URANetEvaluator
 from ura_monai.engines.loaders import image_loader
 from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
-from ura_monai.networks.blocks.anomaly_map import image_score
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
@@ -126,7 +125,7 @@ def compute_thresholds(
     if grid is not None:
         for part in grid.split(32):
             part_maps = model.map_generator(part, (image_size, image_size))
-            scores += image_score(part_maps, model.score_mode, model.top_k).tolist()
+            scores += model.score_images(part, part_maps).tolist()
             maps.append(part_maps.float().cpu())
     return normal_postprocessing_stats(scores, torch.cat(maps) if maps else None)
 

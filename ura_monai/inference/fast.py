@@ -39,9 +39,10 @@ import torch.nn.functional as F
 from monai.networks.layers import separable_filtering
 from torch import nn
 
-from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
+from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator
 from ura_monai.networks.blocks.ram import RestorationAttention, default_block_elements
-from ura_monai.networks.nets.ura_net import NORMAL_MODEL_SOURCES, URANet
+from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.networks.nets.ura_net_options import NORMAL_MODEL_SOURCES
 from ura_monai.utils.enums import AttentionMode
 
 __all__ = [
@@ -341,7 +342,7 @@ class FastURANet(nn.Module):
             a_x = a_y if (w, size[1]) == (h, size[0]) else self._axis_matrix(w, size[1], images.device)
             anomaly_map = torch.matmul(torch.matmul(a_y, grid), a_x.t())  # (B, 1, H, W)
         with self._stage("score"):
-            result = {"anomaly_map": anomaly_map, "pred_score": image_score(anomaly_map, model.score_mode, model.top_k)}
+            result = {"anomaly_map": anomaly_map, "pred_score": model.score_images(grid, anomaly_map)}
         with self._stage("other_maps"):
             if probability is not None:
                 result["perception_map"] = F.interpolate(probability, size=size, mode="bilinear", align_corners=False)

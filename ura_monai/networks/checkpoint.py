@@ -51,13 +51,13 @@ EXTRA_STATE_KEY = "_extra_state"
 # post-processing statistics stored as tensors (buffers of the export wrapper)
 POSTPROCESSING_KEYS = ("image_threshold", "image_min", "image_max", "pixel_threshold", "pixel_min", "pixel_max")
 
-# config keys that change the weights' shapes or what the map measures (and so what the thresholds mean); the others
+# config keys that change the weights' shapes or what the map or score measures (so what the thresholds mean); the others
 # (num_samples, score_mode, sigma, ...) are inference options that may differ between the checkpoint and a config
 ARCHITECTURE_KEYS = (
     "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "equalize_levels", "use_fasm", "use_uiapm",
     "use_ram", "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
     "distance_attention", "anomaly_map_source", "residual", "position_model", "position_dim", "perception_input",
-    "ram_network", "ram_depth", "ram_patch_size", "num_normal_tokens",
+    "ram_network", "ram_depth", "ram_patch_size", "num_normal_tokens", "score_map",
 )  # fmt: skip
 
 
@@ -140,8 +140,16 @@ def _from_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
 def _upgrade_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     """Settings added since a checkpoint was written take the value that reproduces it: a config without
     ``position_model`` was trained without the position model, one without ``perception_input`` with the
-    perception module on features, one without ``ram_network`` with the restoration attention."""
-    defaults = {"position_model": False, "perception_input": "features", "ram_network": "attention"}
+    perception module on features, one without ``ram_network`` with the restoration attention, one without
+    ``score_map`` scored images on the smoothed pixel map (its stored image threshold is on that scale), one without
+    ``memory_coreset`` drew its normal memory at random (and so do the cross-fitted memories of its thresholds)."""
+    defaults = {
+        "position_model": False,
+        "perception_input": "features",
+        "ram_network": "attention",
+        "score_map": "pixel",
+        "memory_coreset": False,
+    }
     checkpoint["config"] = {**defaults, **checkpoint["config"]}
     return checkpoint
 

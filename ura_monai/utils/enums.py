@@ -12,6 +12,7 @@ __all__ = [
     "StrEnum",
     "MapSource",
     "ScoreMode",
+    "ScoreMap",
     "Residual",
     "Layout",
     "InputType",
@@ -59,7 +60,7 @@ class PerceptionInput(StrEnum):
 
 class RamNetwork(StrEnum):
     """The RAM's restoration network (``URANet(ram_network=...)``; docs/design.md): a masked-restoration transformer
-    (the default) or the first design's single restoration attention (a soft nearest neighbour over normal context)."""
+    or the first design's single restoration attention (a soft nearest neighbour over normal context; the default)."""
 
     TRANSFORMER = "transformer"
     ATTENTION = "attention"
@@ -72,6 +73,15 @@ class ScoreMode(StrEnum):
     TOPK_MEAN = "topk_mean"
     STD = "std"
     MEAN = "mean"
+
+
+class ScoreMap(StrEnum):
+    """Which map the image score reads: the anomaly map on the feature grid, before upsampling and smoothing (as
+    PatchCore scores its patches; the default: smoothing dilutes a defect of one or two cells), or the smoothed pixel
+    map (checkpoints written before the option)."""
+
+    GRID = "grid"
+    PIXEL = "pixel"
 
 
 class Residual(StrEnum):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ura_monai.networks.blocks.ram import nearest_distance
+from ura_monai.networks.blocks.ram import draw_normal_tokens, nearest_distance
 
 __all__ = ["PositionalGaussian", "cross_fitted_normal_distances"]
 
@@ -106,11 +106,13 @@ def cross_fitted_normal_distances(
     position_model: PositionalGaussian | None,
     folds: int = 4,
     generator: torch.Generator | None = None,
+    coreset: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distances a *new* normal image gets, from normal training ``features`` (N, C, h, w) alone.
 
     The rows are split into ``folds`` contiguous blocks (the cached views of one image stay together); each block is
-    scored by a memory (``memory_size`` random positions of the other blocks; none when 0) and by a copy of
+    scored by a memory (``memory_size`` positions of the other blocks, chosen as the model's memory is: a coreset or
+    at random, :func:`~ura_monai.networks.blocks.ram.draw_normal_tokens`; none when 0) and by a copy of
     ``position_model`` fitted on the other blocks (none when None). ``queries`` (M, C, h, w) made from normal images
     (e.g. synthetic defects painted into them) are scored by the fold models that did not see their image, row
     ``query_rows[j]`` of ``features``.
@@ -131,8 +133,7 @@ def cross_fitted_normal_distances(
         others = torch.cat([features[:lo], features[hi:]])
         picked = ((query_rows >= lo) & (query_rows < hi)).to(queries.device)
         if memory_size > 0:
-            tokens = others.permute(0, 2, 3, 1).reshape(-1, others.shape[1])
-            bank = tokens[torch.randperm(tokens.shape[0], generator=generator)[:memory_size].to(tokens.device)]
+            bank = draw_normal_tokens(others, memory_size, generator, coreset)
             memory[lo:hi] = nearest_distance(features[lo:hi], bank)
             if picked.any():
                 query_memory[picked] = nearest_distance(queries[picked], bank)

@@ -40,6 +40,7 @@ __all__ = [
     "RestorationOutput",
     "default_block_elements",
     "draw_normal_tokens",
+    "greedy_coreset",
     "nearest_distance",
 ]
 
@@ -50,6 +51,9 @@ RAM_ATTENTION_MODES = RamAttention.choices()
 CPU_BLOCK_ELEMENTS = 1 << 21
 GPU_BLOCK_ELEMENTS = 1 << 29
 _CACHE_SIZE = 8  # cached masks and indices per module (one per grid size, dtype and device in use)
+# the normal memory's coreset: distances in a random projection of this many channels, over at most this many positions
+CORESET_PROJECTION_DIM = 64
+CORESET_MAX_CANDIDATES = 1 << 20
 
 
 def default_block_elements(device: torch.device) -> int:
@@ -71,14 +75,43 @@ def nearest_distance(features: torch.Tensor, bank: torch.Tensor, chunk: int = 40
     return torch.cat(nearest).clamp_min(0).sqrt().view(b, h, w).unsqueeze(1)
 
 
-def draw_normal_tokens(features: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``count`` feature vectors (count, C) drawn at random from the positions of normal ``features`` (N, C, h, w),
-    repeated when there are fewer positions: the normal memory's start (as k-means-initialised codebooks are)."""
+def draw_normal_tokens(
+    features: torch.Tensor, count: int, generator: torch.Generator | None = None, coreset: bool = True
+) -> torch.Tensor:
+    """``count`` feature vectors (count, C) from the positions of normal ``features`` (N, C, h, w): the normal memory.
+
+    With ``coreset`` (the default), a greedy k-center coreset as PatchCore (Roth et al., CVPR 2022) subsamples its
+    memory: from a random start, each next vector is the one farthest from those already chosen, so rare normal
+    appearances (another capture session, an edge) are kept instead of being outnumbered; distances are measured
+    in a fixed random projection to ``CORESET_PROJECTION_DIM`` channels, and at most ``CORESET_MAX_CANDIDATES``
+    positions (drawn at random) are candidates, which bounds time and memory. Without, the vectors are drawn
+    uniformly at random (checkpoints before the coreset). Repeated when there are fewer positions than ``count``.
+    """
     tokens = features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
-    idx = torch.randperm(tokens.shape[0], generator=generator)[:count]
+    if coreset and tokens.shape[0] > count:
+        candidates = torch.randperm(tokens.shape[0], generator=generator)[:CORESET_MAX_CANDIDATES]
+        idx = candidates[greedy_coreset(tokens[candidates.to(tokens.device)], count, generator).cpu()]
+    else:
+        idx = torch.randperm(tokens.shape[0], generator=generator)[:count]
     if idx.numel() < count:  # fewer tokens than prototypes: repeat
         idx = idx[torch.arange(count) % idx.numel()]
     return tokens[idx.to(tokens.device)]
+
+
+def greedy_coreset(tokens: torch.Tensor, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Indices (count,) of a greedy k-center coreset of ``tokens`` (M, C), ``count < M``: see :func:`draw_normal_tokens`."""
+    dim = min(CORESET_PROJECTION_DIM, tokens.shape[1])
+    projection = torch.randn(tokens.shape[1], dim, generator=generator) / dim**0.5
+    z = tokens.float() @ projection.to(tokens.device)
+    squared = z.pow(2).sum(1)
+    chosen = [int(torch.randint(tokens.shape[0], (1,), generator=generator))]
+    # squared distance of every token to its nearest chosen one, updated as the coreset grows
+    nearest = torch.addmv(squared, z, z[chosen[0]], alpha=-2.0).add_(float(squared[chosen[0]]))
+    for _ in range(1, count):
+        chosen.append(int(nearest.argmax()))
+        distance = torch.addmv(squared, z, z[chosen[-1]], alpha=-2.0).add_(float(squared[chosen[-1]]))
+        torch.minimum(nearest, distance, out=nearest)
+    return torch.tensor(chosen, device=tokens.device)
 
 
 class RestorationOutput(NamedTuple):
@@ -158,13 +191,15 @@ class RestorationAttention(nn.Module):
         self._exclusion_cache: dict[tuple, torch.Tensor] = {}
 
     @torch.no_grad()
-    def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Fill the prototypes with normal feature vectors drawn at random from ``features`` (N, C, h, w).
-
-        A data-driven start (as k-means-initialised codebooks are); training then adapts them.
-        """
+    def init_prototypes(
+        self, features: torch.Tensor, generator: torch.Generator | None = None, coreset: bool = True
+    ) -> None:
+        """Fill the prototypes with normal feature vectors of ``features`` (N, C, h, w): a coreset or drawn at random
+        (:func:`draw_normal_tokens`). A data-driven start (as k-means-initialised codebooks are); training then
+        adapts them."""
         tokens = features.permute(0, 2, 3, 1).reshape(-1, self.channels)
-        self.prototypes.copy_(draw_normal_tokens(features, self.prototypes.shape[0], generator).to(self.prototypes))
+        memory = draw_normal_tokens(features, self.prototypes.shape[0], generator, coreset)
+        self.prototypes.copy_(memory.to(self.prototypes))
         # temperature start: the median squared distance (per channel) from a token to its nearest prototype
         sample = tokens[torch.randperm(tokens.shape[0], generator=generator)[:2048].to(tokens.device)]
         nearest = torch.cdist(sample, self.prototypes.to(sample)).amin(dim=1).pow(2) / self.channels

@@ -107,9 +107,13 @@ class RestorationTransformer(nn.Module):
         )
 
     @torch.no_grad()
-    def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
-        """Fill the normal memory with feature vectors drawn at random from normal ``features`` (N, C, h, w)."""
-        self.prototypes.copy_(draw_normal_tokens(features, self.prototypes.shape[0], generator).to(self.prototypes))
+    def init_prototypes(
+        self, features: torch.Tensor, generator: torch.Generator | None = None, coreset: bool = True
+    ) -> None:
+        """Fill the normal memory from normal ``features`` (N, C, h, w): a coreset or drawn at random
+        (:func:`~ura_monai.networks.blocks.ram.draw_normal_tokens`)."""
+        memory = draw_normal_tokens(features, self.prototypes.shape[0], generator, coreset)
+        self.prototypes.copy_(memory.to(self.prototypes))
 
     def prototype_distance(self, features: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Euclidean distance of each position's features to the nearest entry of the normal memory, (B, 1, h, w)."""

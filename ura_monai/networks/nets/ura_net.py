@@ -16,7 +16,14 @@ from ura_monai.networks.blocks.normal_model import PositionalGaussian, cross_fit
 from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.restoration import RestorationTransformer
 from ura_monai.networks.blocks.uiapm import PerceptionOutput, UncertaintyAnomalyPerception
-from ura_monai.utils.enums import MapSource, PerceptionInput, RamNetwork, Residual
+from ura_monai.networks.nets.ura_net_options import (
+    NORMAL_MODEL_SOURCES,
+    RAM_NETWORKS,
+    RESIDUALS,
+    SCORE_MAPS,
+    checked_choice,
+    checked_map_source,
+)
 
 LEVEL_SCALE_KEY = "feature_extractor.level_scale"
 # buffers newer than some checkpoints, whose defaults reproduce those checkpoints (no restoration residual signal)
@@ -24,39 +31,8 @@ OPTIONAL_BUFFERS = ("residual_calibration", "residual_weight")
 
 __all__ = ["URANet"]
 
-MAP_SOURCES = MapSource.choices()
-# maps computed from the fitted normal models alone: no attention, and the perception module only for uncertainty
-NORMAL_MODEL_SOURCES = ("memory", "position", "fused", "prototype")
-RESIDUALS = Residual.choices()
-PERCEPTION_INPUTS = PerceptionInput.choices()
-RAM_NETWORKS = RamNetwork.choices()
 # a fused prior z-score of 3 masks a position half for the restoration transformer (as the perception's logit starts)
 RESTORATION_MASK_OFFSET = 3.0
-
-
-def _checked_map_source(
-    source: str, use_uiapm: bool, use_ram: bool, position_model: bool, perception_input: str = "signals"
-) -> str:
-    """The anomaly map source a URANet with these switches uses (``prototype`` is ``memory``'s older name; without
-    the RAM the map is the perception's; without UIAPM the signal perception's map falls back to the normal-model
-    map it would correct), or ValueError for an impossible combination."""
-    if not (use_uiapm or use_ram):
-        raise ValueError("URA-Net needs at least one of UIAPM (use_uiapm) and RAM (use_ram)")
-    if source not in MAP_SOURCES:
-        raise ValueError(f"anomaly_map_source must be one of {MAP_SOURCES}, got '{source}'")
-    if perception_input not in PERCEPTION_INPUTS:
-        raise ValueError(f"perception_input must be one of {PERCEPTION_INPUTS}, got '{perception_input}'")
-    if source in ("position", "fused") and not position_model:
-        raise ValueError(f"anomaly_map_source='{source}' needs position_model=True")
-    if not use_ram:
-        if perception_input == "signals" and not position_model:
-            raise ValueError("without the RAM's normal memory the signal perception needs position_model=True")
-        return "perception"
-    if source == "perception" and not use_uiapm:
-        if perception_input == "signals":
-            return "fused" if position_model else "memory"
-        raise ValueError("anomaly_map_source='perception' needs use_uiapm=True")
-    return "memory" if source == "prototype" else source
 
 
 def _perception_module(
@@ -71,12 +47,6 @@ def _perception_module(
         # optimizer and DistributedDataParallel wrapper therefore leave it out
         return module.requires_grad_(False)
     return UncertaintyAnomalyPerception(channels, hidden, latent, num_samples)
-
-
-def _checked_choice(name: str, value: str, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got '{value}'")
-    return value
 
 
 def _restoration_module(
@@ -135,7 +105,9 @@ class URANet(nn.Module):
         perception_hidden: width of the perception encoder.
         latent_channels: size of the perception module's per-position latent Gaussian.
         num_samples: stochastic passes of the perception module at inference (uncertainty); 0 for none.
-        num_prototypes: size of the RAM's global normal memory (normal training features drawn at random).
+        num_prototypes: size of the RAM's global normal memory (normal training features).
+        memory_coreset: fill the normal memory with a greedy k-center coreset of the normal training features (default,
+            as PatchCore subsamples its memory: rare normal appearances are kept) instead of drawing them at random.
         embed_dim: RAM width (the transformer's token width; the attention's query/key width).
         num_heads: RAM attention heads.
         exclude_radius: attention RAM only: masks this Chebyshev neighbourhood around each query (no self-copying).
@@ -165,7 +137,9 @@ class URANet(nn.Module):
             the gated restored features). docs/design.md has the measurements behind the default.
         sigma: Gaussian smoothing of the map, in pixels.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
-        top_k: fraction of pixels averaged by ``topk_mean``.
+        top_k: fraction of the map's values averaged by ``topk_mean``.
+        score_map: which map the image score reads: ``"grid"`` (default: the map on the feature grid, before upsampling
+            and smoothing, as PatchCore scores patches) or ``"pixel"`` (the smoothed map; checkpoints before 0.6.0).
     """
 
     map_calibration: torch.Tensor  # buffers
@@ -194,6 +168,7 @@ class URANet(nn.Module):
         latent_channels: int = 8,
         num_samples: int = 8,
         num_prototypes: int = 1024,
+        memory_coreset: bool = True,
         embed_dim: int = 128,
         num_heads: int = 4,
         exclude_radius: int = 1,
@@ -210,6 +185,7 @@ class URANet(nn.Module):
         sigma: float = 4.0,
         score_mode: str = "max",
         top_k: float = 0.01,
+        score_map: str = "grid",
     ) -> None:
         super().__init__()
         # everything needed to rebuild the network from a checkpoint
@@ -219,13 +195,15 @@ class URANet(nn.Module):
             if k not in ("self", "__class__")
         }
         self.config["backbone_weights"] = None if backbone_weights is None else str(backbone_weights)
-        self.anomaly_map_source = _checked_map_source(
+        self.anomaly_map_source = checked_map_source(
             anomaly_map_source, use_uiapm, use_ram, position_model, perception_input
         )
         self.perception_input = perception_input
-        self.residual = _checked_choice("residual", residual, RESIDUALS)
-        _checked_choice("ram_network", ram_network, RAM_NETWORKS)
+        self.residual = checked_choice("residual", residual, RESIDUALS)
+        checked_choice("ram_network", ram_network, RAM_NETWORKS)
         self.score_mode, self.top_k = score_mode, top_k
+        self.score_map = checked_choice("score_map", score_map, SCORE_MAPS)
+        self.memory_coreset = memory_coreset
         self.equalize_levels = equalize_levels
         image_score(torch.zeros(1, 1, 2, 2), score_mode, top_k)  # fail early on a bad mode
 
@@ -496,7 +474,7 @@ class URANet(nn.Module):
             outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
             grid_map = self.grid_anomaly_map(outputs)
         anomaly_map = self.map_generator(grid_map, size)
-        result = {"anomaly_map": anomaly_map, "pred_score": image_score(anomaly_map, self.score_mode, self.top_k)}
+        result = {"anomaly_map": anomaly_map, "pred_score": self.score_images(grid_map, anomaly_map)}
         if "probability" in outputs:
             up = torch.nn.functional.interpolate
             result["uncertainty_map"] = up(outputs["uncertainty"], size=size, mode="bilinear", align_corners=False)
@@ -504,6 +482,10 @@ class URANet(nn.Module):
         else:
             result["uncertainty_map"] = torch.zeros_like(anomaly_map)
         return result
+
+    def score_images(self, grid_map: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
+        """Image scores (B,) from the grid map (B, 1, h, w) or its pixel map (B, 1, H, W), as ``score_map`` says."""
+        return image_score(grid_map if self.score_map == "grid" else anomaly_map, self.score_mode, self.top_k)
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -590,11 +572,11 @@ class URANet(nn.Module):
             raise ValueError("cross-fitted distances need the RAM's memory or the position model")
         memory_size = 0 if self.ram is None else self.ram.prototypes.shape[0]
         return cross_fitted_normal_distances(
-            features, queries, query_rows, memory_size, self.position_model, folds, generator
+            features, queries, query_rows, memory_size, self.position_model, folds, generator, self.memory_coreset
         )
 
     @torch.no_grad()
     def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:
         """Fill the RAM's normal memory from normal training features (no-op without RAM)."""
         if self.ram is not None:
-            self.ram.init_prototypes(features, generator)
+            self.ram.init_prototypes(features, generator, self.memory_coreset)
