@@ -109,6 +109,9 @@ def test_the_coreset_memory_keeps_rare_normal_appearances():
     assert torch.equal(drawn, flat[torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(2))[:32]])
     # fewer positions than asked: every position, repeated
     assert draw_normal_tokens(features[..., :1, :2], 5).shape == (5, 16)
+    # the coreset memory is kept as drawn (the first design's random draw is trained by the attention RAM)
+    assert not URANet(image_size=32, pretrained=False).ram.prototypes.requires_grad
+    assert URANet(image_size=32, pretrained=False, memory_coreset=False).ram.prototypes.requires_grad
 
 
 def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
@@ -199,6 +202,17 @@ def test_fusion_weight_follows_the_distance_that_finds_the_synthetic_defects(inf
     assert set(scores) == {0.0, 0.25, 0.5, 0.75, 1.0}
     assert model.fusion_weight.item() == (1.0 if informative == "memory" else 0.0)
     assert scores[model.fusion_weight.item()] > 0.9 > scores[1.0 - model.fusion_weight.item()]
+    # scored only (a model configured with a fixed weight, the default 0.5): the weight stays
+    model.fusion_weight.fill_(0.5)
+    assert select_fusion_weight(model, torch.zeros(2, 1, 8, 8), torch.zeros(4, 1, 8, 8), masks, apply=False) == scores
+    assert model.fusion_weight.item() == 0.5
+
+
+def test_the_fusion_weight_is_fixed_unless_configured_none():
+    assert URANet(image_size=32, pretrained=False).fusion_weight.item() == 0.5
+    assert URANet(image_size=32, pretrained=False, fusion_weight=0.25).fusion_weight.item() == 0.25
+    chosen = URANet(image_size=32, pretrained=False, fusion_weight=None)
+    assert chosen.config["fusion_weight"] is None and chosen.fusion_weight.item() == 0.5  # until fit chooses
 
 
 def test_synthetic_defects_change_the_image_only_inside_their_mask():

@@ -722,6 +722,21 @@ def small_demo(tmp_path_factory):
     return mvtec_datalist(root, None, "train"), mvtec_datalist(root, None, "test")
 
 
+@pytest.mark.parametrize("fusion_weight", [0.5, None])
+def test_the_fusion_weight_is_chosen_on_synthetic_defects_only_when_configured_none(small_demo, fusion_weight):
+    from ura_monai.engines.calibration import fusion_weight_from_items
+    from ura_monai.engines.loaders import image_loader
+
+    train, _ = small_demo
+    model = URANet(image_size=64, fusion_weight=fusion_weight, **SMALL).eval()
+    images = torch.cat([batch["image"] for batch in image_loader(train[:7], 64, 8, 0)])
+    model.fit_normal_statistics(model.feature_extractor(images), torch.Generator().manual_seed(0))
+    scores = fusion_weight_from_items(model, train[7:], 64)
+    best = max(scores, key=lambda w: (scores[w], -float(w)))
+    assert best != "0.5"  # the synthetic defects prefer another weight here, so the two cases differ
+    assert model.fusion_weight.item() == (float(best) if fusion_weight is None else 0.5)
+
+
 def test_fit_is_deterministic(small_demo, tmp_path):
     train_items, _ = small_demo
     kwargs = {"image_size": 64, "epochs": 2, "batch_size": 4, "seed": 3, "progress": False, "model_kwargs": SMALL}

@@ -91,17 +91,19 @@ def select_fusion_weight(
     defect_features: torch.Tensor,
     defect_masks: torch.Tensor,
     weights: Sequence[float] = FUSION_WEIGHTS,
+    apply: bool = True,
 ) -> dict[float, float]:
     """Set ``network.fusion_weight`` to the candidate whose fused grid map has the best pixel average precision on
     ``defect_features`` (masks (M, 1, H, W), pooled to the grid: a cell is anomalous when half of it is) with the
-    ``normal_features`` of clean held-out images as negatives. Returns ``{weight: pixel AP}``; ties keep the first
-    (the position-heavier) weight."""
+    ``normal_features`` of clean held-out images as negatives (``apply=False``: score only, the weight stays).
+    Returns ``{weight: pixel AP}``; ties keep the first (the position-heavier) weight."""
     model = unwrap(network)
     features = torch.cat([normal_features, defect_features]).to(next(model.buffers()).device)
     memory, position = model.standardized_distances(features)
     target = _grid_targets(normal_features.shape[0], defect_masks, (memory.shape[-2], memory.shape[-1]))
     best, scores = _pick(lambda w: model.fuse(memory, position, w), target, weights, 0.5)
-    model.fusion_weight.fill_(best)
+    if apply:
+        model.fusion_weight.fill_(best)
     return scores
 
 
@@ -141,7 +143,8 @@ def fusion_weight_from_items(
     bank: torch.Tensor | None = None,
 ) -> dict[str, float] | None:
     """:func:`select_fusion_weight` on held-out normal images ``items`` (a datalist no normal model was fitted on):
-    enough synthetic variants of each to make ``min_defects`` defect images (at most 16 each); then, for a model
+    enough synthetic variants of each to make ``min_defects`` defect images (at most 16 each); applied only to a
+    model configured with ``fusion_weight=None`` (the others keep theirs; the scores are recorded); then, for a model
     whose perception reads the restoration residual and given its training ``bank``,
     :func:`calibrate_restoration_residual` and :func:`select_residual_weight` on the same defects. Returns the
     scores by weight (``"<w>"``, and the residual's ``"residual <v>"``), or None (weights unchanged) for a model
@@ -161,7 +164,9 @@ def fusion_weight_from_items(
         return torch.cat([extractor(part.to(device)) for part in batch.split(batch_size)])
 
     normal_features, defect_features = features(images), features(defects)
-    scores = {f"{k:g}": v for k, v in select_fusion_weight(model, normal_features, defect_features, masks).items()}
+    choose = model.config.get("fusion_weight", 0.5) is None
+    fusion_scores = select_fusion_weight(model, normal_features, defect_features, masks, apply=choose)
+    scores = {f"{k:g}": v for k, v in fusion_scores.items()}
     if bank is not None and model.uses_residual_signal:
         calibrate_restoration_residual(model, bank.to(device), batch_size)
         residual_scores = select_residual_weight(model, normal_features, defect_features, masks)

@@ -142,13 +142,15 @@ def _upgrade_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     ``position_model`` was trained without the position model, one without ``perception_input`` with the
     perception module on features, one without ``ram_network`` with the restoration attention, one without
     ``score_map`` scored images on the smoothed pixel map (its stored image threshold is on that scale), one without
-    ``memory_coreset`` drew its normal memory at random (and so do the cross-fitted memories of its thresholds)."""
+    ``memory_coreset`` drew its normal memory at random (and so do the cross-fitted memories of its thresholds), one
+    without ``fusion_weight`` chose it on synthetic defects (the chosen value is its stored buffer)."""
     defaults = {
         "position_model": False,
         "perception_input": "features",
         "ram_network": "attention",
         "score_map": "pixel",
         "memory_coreset": False,
+        "fusion_weight": None,
     }
     checkpoint["config"] = {**defaults, **checkpoint["config"]}
     return checkpoint

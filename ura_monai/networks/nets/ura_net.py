@@ -106,8 +106,10 @@ class URANet(nn.Module):
         latent_channels: size of the perception module's per-position latent Gaussian.
         num_samples: stochastic passes of the perception module at inference (uncertainty); 0 for none.
         num_prototypes: size of the RAM's global normal memory (normal training features).
-        memory_coreset: fill the normal memory with a greedy k-center coreset of the normal training features (default,
-            as PatchCore subsamples its memory: rare normal appearances are kept) instead of drawing them at random.
+        memory_coreset: fill the normal memory with a greedy k-center coreset of the normal training features, kept
+            fixed (default, as PatchCore's memory: rare normal appearances are kept, and the memory distances at test
+            time are those the cross-fitted calibration measured), instead of drawing them at random (the attention
+            RAM then trains them with its restoration, the first design).
         embed_dim: RAM width (the transformer's token width; the attention's query/key width).
         num_heads: RAM attention heads.
         exclude_radius: attention RAM only: masks this Chebyshev neighbourhood around each query (no self-copying).
@@ -127,11 +129,13 @@ class URANet(nn.Module):
             position, :class:`PositionalGaussian`) beside the RAM's position-free prototypes; needed by the
             ``position`` and ``fused`` maps.
         position_dim: channels of the position model's random orthonormal projection.
+        fusion_weight: memory weight ``w`` of the fused map, the perception's prior (the position distance gets
+            ``1 - w``): 0.5 by default; None: chosen at fit time on synthetic defects in the held-out normal images
+            (the first design; on magnetic tiles they chose memory-heavy weights the real defects punish).
         anomaly_map_source: what the map is made of: ``"perception"`` (default with ``perception_input="signals"``:
             the perception module's posterior-mean anomaly logit, which starts as the ``fused`` map and is trained
             to correct it; with features: the anomaly probability), ``"fused"`` (the memory and position distances,
-            standardized by their cross-fitted normal statistics and weighted by ``fusion_weight``, chosen on
-            synthetic defects), ``"memory"`` (distance to the nearest entry of the RAM's normal memory, the fastest;
+            standardized by their cross-fitted normal statistics and weighted by ``fusion_weight``), ``"memory"`` (distance to the nearest entry of the RAM's normal memory, the fastest;
             ``"prototype"`` is its older name), ``"position"`` (Mahalanobis distance to the normal Gaussian of the
             same position), ``"restoration"`` (residual to the RAM's restoration) or ``"restored"`` (residual to
             the gated restored features). docs/design.md has the measurements behind the default.
@@ -181,6 +185,7 @@ class URANet(nn.Module):
         residual: str = "l2",
         position_model: bool = True,
         position_dim: int = 64,
+        fusion_weight: float | None = 0.5,
         anomaly_map_source: str = "perception",
         sigma: float = 4.0,
         score_mode: str = "max",
@@ -219,11 +224,13 @@ class URANet(nn.Module):
         perception = (perception_input, channels, perception_hidden, latent_channels, num_samples, signals)
         self.uiapm = _perception_module(*perception) if use_uiapm else None
         self.ram = _restoration_module(self.config, channels, grid)
+        if self.ram is not None and memory_coreset:  # a coreset memory stays the normal features it was drawn from
+            self.ram.prototypes.requires_grad_(False)
         self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
         # mean and std of the memory and position distances on normal features no statistic saw (cross-fitted)
         self.register_buffer("map_calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
-        # weight of the memory term in the fused map (the position term gets 1 - w); chosen on synthetic defects
-        self.register_buffer("fusion_weight", torch.tensor(0.5))
+        # weight of the memory term in the fused map (the position term gets 1 - w); with None, chosen at fit time
+        self.register_buffer("fusion_weight", torch.tensor(0.5 if fusion_weight is None else float(fusion_weight)))
         # the residual's mean and std on normal training features, and its share in the perception's prior map
         self.register_buffer("residual_calibration", torch.tensor([0.0, 1.0]))
         self.register_buffer("residual_weight", torch.tensor(0.0))
