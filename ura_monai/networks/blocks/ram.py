@@ -195,8 +195,8 @@ class RestorationAttention(nn.Module):
         self, features: torch.Tensor, generator: torch.Generator | None = None, coreset: bool = True
     ) -> None:
         """Fill the prototypes with normal feature vectors of ``features`` (N, C, h, w): a coreset or drawn at random
-        (:func:`draw_normal_tokens`). A data-driven start (as k-means-initialised codebooks are); training then
-        adapts them."""
+        (:func:`draw_normal_tokens`). URANet keeps a coreset fixed; a random draw is a data-driven start (as
+        k-means-initialised codebooks are) that training then adapts (the first design)."""
         tokens = features.permute(0, 2, 3, 1).reshape(-1, self.channels)
         memory = draw_normal_tokens(features, self.prototypes.shape[0], generator, coreset)
         self.prototypes.copy_(memory.to(self.prototypes))
