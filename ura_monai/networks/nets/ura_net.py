@@ -227,6 +227,11 @@ class URANet(nn.Module):
         if self.ram is not None and memory_coreset:  # a coreset memory stays the normal features it was drawn from
             self.ram.prototypes.requires_grad_(False)
         self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
+        self._register_calibration_buffers(fusion_weight)
+        self.map_generator = AnomalyMapGenerator(sigma)
+
+    def _register_calibration_buffers(self, fusion_weight: float | None) -> None:
+        """The statistics that fit sets and checkpoints keep, at their neutral starts."""
         # mean and std of the memory and position distances on normal features no statistic saw (cross-fitted)
         self.register_buffer("map_calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
         # weight of the memory term in the fused map (the position term gets 1 - w); with None, chosen at fit time
@@ -234,7 +239,6 @@ class URANet(nn.Module):
         # the residual's mean and std on normal training features, and its share in the perception's prior map
         self.register_buffer("residual_calibration", torch.tensor([0.0, 1.0]))
         self.register_buffer("residual_weight", torch.tensor(0.0))
-        self.map_generator = AnomalyMapGenerator(sigma)
 
     # ------------------------------------------------------------------ features -> URA-Net
     def forward_features(
