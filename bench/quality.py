@@ -124,7 +124,7 @@ def nearest_neighbour_reference(
     scores, grid_scores, maps = score(test_items)
     seconds = time.perf_counter() - start
     labels = torch.tensor([int(item["label"]) for item in test_items])
-    grid_figures = quality_metrics(grid_scores, labels, maps, masks, None, grid_threshold)
+    grid_figures = quality_metrics(grid_scores, labels, None, None, None, grid_threshold)  # image figures only
     return quality_metrics(scores, labels, maps, masks, None, threshold) | {
         "image_threshold": round(threshold, 6),
         "grid_score": {k: grid_figures[k] for k in IMAGE_METRIC_KEYS} | {"image_threshold": round(grid_threshold, 6)},

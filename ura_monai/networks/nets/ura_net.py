@@ -82,7 +82,7 @@ class URANet(nn.Module):
               -> RAM(F', p, u) -> restoration R (from normal context and prototypes), restored p*R + (1-p)*F'
                  (``ram_network="transformer"``: a masked-restoration transformer; z(||F' - R||) is a third signal)
                  (other map sources: the residual to R, the restored features, the memory, position or fused map)
-              -> upsampled, Gaussian-smoothed anomaly map -> image score
+              -> upsampled, Gaussian-smoothed anomaly map; image score = max of the grid map (``score_map``)
 
     Args:
         backbone: ``"efficientnet_lite0"`` (offline ImageNet weights) or ``"wide_resnet50_2"`` (torchvision).
@@ -135,10 +135,10 @@ class URANet(nn.Module):
         anomaly_map_source: what the map is made of: ``"perception"`` (default with ``perception_input="signals"``:
             the perception module's posterior-mean anomaly logit, which starts as the ``fused`` map and is trained
             to correct it; with features: the anomaly probability), ``"fused"`` (the memory and position distances,
-            standardized by their cross-fitted normal statistics and weighted by ``fusion_weight``), ``"memory"`` (distance to the nearest entry of the RAM's normal memory, the fastest;
-            ``"prototype"`` is its older name), ``"position"`` (Mahalanobis distance to the normal Gaussian of the
-            same position), ``"restoration"`` (residual to the RAM's restoration) or ``"restored"`` (residual to
-            the gated restored features). docs/design.md has the measurements behind the default.
+            standardized by their cross-fitted normal statistics and weighted by ``fusion_weight``), ``"memory"``
+            (distance to the nearest entry of the RAM's normal memory, the fastest; ``"prototype"`` is its older name),
+            ``"position"`` (Mahalanobis distance to the normal Gaussian of the same position), ``"restoration"``
+            (residual to the RAM's restoration) or ``"restored"`` (residual to the gated restored features). docs/design.md has the measurements behind the default.
         sigma: Gaussian smoothing of the map, in pixels.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of the map's values averaged by ``topk_mean``.
