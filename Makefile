@@ -49,7 +49,11 @@ LABEL_PY := $(LABEL_VENV)/bin/python
 # MONAI Label with --no-deps: requirements-label.txt lists what it needs, less sam2 (see there)
 LABEL_STAMP := $(LABEL_VENV)/.ura_monai_label_installed
 
+# torch 2.14.1 and torchvision 0.29.1 are CUDA builds (about 5.6 GB installed): say so before pip runs out of disk
+LABEL_MIN_FREE_GB ?= 7
+
 $(LABEL_STAMP): pyproject.toml requirements-label.txt
+	@$(PYTHON) -c "import os, shutil, sys; d = os.path.dirname(os.path.abspath('$(LABEL_VENV)')); free = shutil.disk_usage(d).free / 2**30; sys.exit(0 if free >= $(LABEL_MIN_FREE_GB) else f'$(LABEL_VENV) needs about 6 GB (torch 2.14.1 + torchvision 0.29.1, CUDA builds) but {d} has {free:.1f} GB free: free disk space there, or set LABEL_VENV=/a/larger/disk/venv-label')"
 	test -x $(LABEL_PY) || $(PYTHON) -m venv $(LABEL_VENV)
 	$(LABEL_PY) -m pip install -q --upgrade pip
 	$(LABEL_PY) -m pip install -q $(LABEL_TORCH)
