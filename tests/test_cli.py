@@ -21,6 +21,7 @@ from PIL import Image
 
 from ura_monai.cli import main
 from ura_monai.inference.dicom_inference import SlicePredictor
+from ura_monai.inference.image_inference import predict_files
 from ura_monai.inference.predictor import URANetPredictor
 from ura_monai.metrics import ANOMALY_METRIC_NAMES
 from ura_monai.networks.checkpoint import read_checkpoint
@@ -164,10 +165,10 @@ def test_outputs_never_overwrite_inputs(checkpoint, demo, tmp_path, capsys):
     digest = _digest(inputs / "x_overlay.png")
     predictor = URANetPredictor(checkpoint, num_samples=0)
     with pytest.raises(ValueError, match="folder of the input file"):
-        predictor.predict_files([inputs / "x.png", inputs / "x_overlay.png"], inputs, progress=False)
+        predict_files([inputs / "x.png", inputs / "x_overlay.png"], inputs, predictor, progress=False)
     assert _digest(inputs / "x_overlay.png") == digest and not (inputs / "scores.csv").exists()
     with pytest.raises(ValueError, match="inside the input folder"):
-        predictor.predict_files([inputs / "x.png"], inputs / "out", input_root=inputs, progress=False)
+        predict_files([inputs / "x.png"], inputs / "out", predictor, input_root=inputs, progress=False)
 
 
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys):
@@ -248,7 +249,7 @@ def test_predictor_outputs_are_at_the_original_size(checkpoint, tmp_path):
     Image.fromarray(rng.integers(0, 255, (50, 77), dtype=np.uint8)).save(tmp_path / "grey.png")
     Image.fromarray(rng.integers(0, 255, (100, 60, 3), dtype=np.uint8)).save(tmp_path / "colour.jpg")
     out_dir = tmp_path / "pred"
-    rows = predictor.predict_files([tmp_path / name for name in files], out_dir, progress=False)
+    rows = predict_files([tmp_path / name for name in files], out_dir, predictor, progress=False)
     assert all(r["error"] == "" for r in rows)
     for name, size in files.items():
         stem = Path(name).stem

@@ -28,6 +28,7 @@ from ura_monai.cli import main
 from ura_monai.data import anomaly_transforms, make_demo_dataset, mvtec_datalist
 from ura_monai.engines.trainer import URANetTrainer
 from ura_monai.engines.workflow import fit
+from ura_monai.inference.image_inference import predict_files
 from ura_monai.inference.predictor import URANetPredictor
 from ura_monai.networks.checkpoint import read_checkpoint
 from ura_monai.utils import (
@@ -413,8 +414,8 @@ def test_grey_image_among_rgb_trains_tests_and_warns(trained, tmp_path, caplog):
     grey = _png(tmp_path / "in" / "grey.png", rgb=False)
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ura_monai"):
-        rows = URANetPredictor(trained["checkpoint"], num_samples=0).predict_files(
-            [grey], tmp_path / "p", progress=False
+        rows = predict_files(
+            [grey], tmp_path / "p", URANetPredictor(trained["checkpoint"], num_samples=0), progress=False
         )
     assert rows[0]["error"] == "" and any("grey.png is a grey image" in r.getMessage() for r in caplog.records)
 

@@ -230,7 +230,7 @@ def _cmd_test(args: argparse.Namespace) -> int:
 
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ura_monai.data import IMAGE_EXTENSIONS
-    from ura_monai.inference.image_inference import SCORES_CSV_NAME, list_prediction_inputs
+    from ura_monai.inference.image_inference import SCORES_CSV_NAME, list_prediction_inputs, predict_files
     from ura_monai.inference.predictor import URANetPredictor
 
     device = _device(args.device)
@@ -255,8 +255,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size
     )
     logger.info("predicting %d file(s) from %s into %s", len(files), source, output)
-    rows = predictor.predict_files(
-        files, output, input_root=input_root, progress=not args.no_progress, overwrite=args.overwrite
+    rows = predict_files(
+        files, output, predictor, input_root=input_root, progress=not args.no_progress, overwrite=args.overwrite
     )
     predicted, anomalous, failed = _summarize_predictions(rows)
     csv_path = output / SCORES_CSV_NAME
@@ -299,7 +299,7 @@ def _cmd_predict_dicom(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ura_monai.data import build_datalist, make_demo_dataset
     from ura_monai.engines.workflow import fit
-    from ura_monai.inference.image_inference import SCORES_CSV_NAME
+    from ura_monai.inference.image_inference import SCORES_CSV_NAME, predict_files
     from ura_monai.inference.predictor import URANetPredictor
 
     start = time.perf_counter()
@@ -329,9 +329,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     predictor = URANetPredictor(fitted["checkpoint"], device, batch_size=8)
     metrics = _evaluate(predictor, test_items, output / "test", 8, device, 0, progress)
     # the test folder as input root names the outputs "<defect>_<file>" (e.g. blob_000_overlay.png)
-    rows = predictor.predict_files(
+    rows = predict_files(
         [item["image"] for item in test_items],
         output / "predictions",
+        predictor,
         input_root=category_dir / "test",
         progress=progress,
     )

@@ -6,8 +6,8 @@ the maps back, returning ``anomaly_map`` / ``uncertainty_map`` ``(N, H, W)`` and
 ``pred_score_normalized`` / ``pred_label`` ``(N,)``. With its ``image_threshold`` and ``pixel_threshold``
 attributes this is the :class:`ura_monai.inference.dicom_inference.SlicePredictor` protocol.
 
-The drivers over inputs live beside it: :mod:`ura_monai.inference.image_inference` (image files;
-:meth:`URANetPredictor.predict_files` calls it) and :mod:`ura_monai.inference.dicom_inference` (DICOM series);
+The drivers over inputs take a predictor and live above it: :func:`ura_monai.inference.image_inference.
+predict_files` (image files) and :func:`ura_monai.inference.dicom_inference.predict_dicom_folder` (DICOM series);
 their writers in :mod:`ura_monai.data.writers` and :mod:`ura_monai.inference.dicom_writers`.
 """
 
@@ -70,7 +70,7 @@ class URANetPredictor:
 
         predictor = URANetPredictor("runs/bottle/model.pt")
         out = predictor(torch.rand(2, 3, 300, 400))   # out["anomaly_map"].shape == (2, 300, 400)
-        rows = predictor.predict_files(["a.png", "b.jpg"], "predictions/")
+        rows = predict_files(["a.png", "b.jpg"], "predictions/", predictor)  # inference.image_inference
     """
 
     def __init__(
@@ -168,18 +168,3 @@ class URANetPredictor:
             return image.expand(3, -1, -1)
         logger.warning("%s is an RGB image; the model was trained on grey images: converted to grey (luma)", path)
         return torch.tensordot(torch.tensor([0.299, 0.587, 0.114]), image, dims=1)[None]
-
-    # ------------------------------------------------------------------ files
-    def predict_files(
-        self,
-        paths: Sequence[str | os.PathLike],
-        output_dir: str | os.PathLike,
-        input_root: str | os.PathLike | None = None,
-        progress: bool = True,
-        overwrite: bool = False,
-    ) -> list[dict[str, Any]]:
-        """:func:`ura_monai.inference.image_inference.predict_files` with this predictor: per image an overlay, the
-        raw maps and an uncertainty picture in ``output_dir``, and one ``scores.csv``; returns its rows."""
-        from ura_monai.inference.image_inference import predict_files
-
-        return predict_files(paths, output_dir, self, input_root=input_root, progress=progress, overwrite=overwrite)
