@@ -171,6 +171,7 @@ def run_model(
             "backbone": args.backbone,
             "score_mode": args.score_mode,
             "score_map": args.score_map,
+            "perception_members": args.perception_members,
             **model_kwargs,
         },
     )
@@ -210,6 +211,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--backbone", default="efficientnet_lite0", choices=Backbone.choices())
     parser.add_argument("--score-mode", default="max", choices=ScoreMode.choices())
     parser.add_argument("--score-map", default="grid", choices=ScoreMap.choices())
+    parser.add_argument("--perception-members", type=int, default=4, help="heads of the perception's ensemble")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ablation", action="store_true", help="also run with each of FASM, UIAPM, RAM switched off")

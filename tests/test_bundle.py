@@ -580,6 +580,7 @@ def test_validation_score_is_auroc_with_abnormal_images_else_minus_residual():
 
 
 def test_export_wrapper_is_deterministic_batch_invariant_and_matches_uranet():
+    from ura_monai.networks.blocks.uiapm import perception_heads
     from ura_monai.networks.nets.export import URANetExport
     from ura_monai.networks.nets.ura_net import URANet
 
@@ -587,7 +588,8 @@ def test_export_wrapper_is_deterministic_batch_invariant_and_matches_uranet():
     net = URANet(image_size=SIZE, num_prototypes=16, num_samples=3).eval()
     with torch.no_grad():  # as after fit: normal statistics, and a perception head moved from its zero start
         net.fit_normal_statistics(net.feature_extractor(torch.rand(8, 3, SIZE, SIZE)))
-        torch.nn.init.normal_(net.uiapm.classifier.weight_mu)
+        for head in perception_heads(net.uiapm):
+            torch.nn.init.normal_(head.classifier.weight_mu)
     images = torch.rand(2, 3, SIZE, SIZE)
     with torch.no_grad():
         plain = net(images, num_samples=0)

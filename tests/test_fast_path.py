@@ -15,6 +15,7 @@ import torch
 from ura_monai.inference.fast import FastURANet, fast_restoration, smoothing_matrix, token_residual
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_residual
 from ura_monai.networks.blocks.ram import RestorationAttention
+from ura_monai.networks.blocks.uiapm import perception_heads
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.networks.nets.ura_net_options import MAP_SOURCES
 
@@ -41,9 +42,9 @@ def make_model(image_size: int = 64, seed: int = 0, **overrides) -> URANet:
     with torch.no_grad():  # a trained-looking temperature and perception head, so every bias term matters
         if isinstance(model.ram, RestorationAttention):
             model.ram.log_temperature.fill_(-2.0)
-        if model.uiapm is not None:
-            model.uiapm.classifier.bias_mu.fill_(-0.5)
-            model.uiapm.classifier.weight_mu.mul_(20.0)
+        for k, head in enumerate(perception_heads(model.uiapm) if model.uiapm is not None else []):
+            head.classifier.bias_mu.fill_(-0.5 - 0.2 * k)  # heads of an ensemble that disagree
+            head.classifier.weight_mu.mul_(20.0)
     return model
 
 

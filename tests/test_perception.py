@@ -7,6 +7,7 @@ import torch
 from test_ura_net import brick_images
 
 from ura_monai.engines.perception import perception_loss, perception_training_set, train_perception
+from ura_monai.networks.blocks.uiapm import PerceptionEnsemble, UncertaintyAnomalyPerception, perception_heads
 from ura_monai.networks.nets import URANet
 from ura_monai.networks.nets.ura_net_options import checked_map_source
 
@@ -78,7 +79,7 @@ def test_training_lowers_the_perception_loss_and_moves_the_map(bricks):
 def test_without_fasm_the_perception_stays_the_fused_map(bricks):
     model, bank = _fitted(bricks, use_fasm=False)
     assert train_perception(model, bank, bricks, torch.arange(len(bricks))) == {}
-    assert torch.count_nonzero(model.uiapm.classifier.weight_mu) == 0
+    assert all(torch.count_nonzero(head.classifier.weight_mu) == 0 for head in perception_heads(model.uiapm))
 
 
 def test_map_source_rules_of_the_signal_perception():
@@ -88,3 +89,39 @@ def test_map_source_rules_of_the_signal_perception():
     assert checked_map_source("fused", True, False, True) == "perception"  # RAM off: the perception of position
     with pytest.raises(ValueError, match="perception_input"):
         checked_map_source("perception", True, True, True, "pixels")
+
+
+def _head(bias: float) -> UncertaintyAnomalyPerception:
+    head = UncertaintyAnomalyPerception(2, 8, 4, num_samples=4, normalize_input=False, residual_head=True)
+    head.prior_bias.data.fill_(bias)
+    return head.eval()
+
+
+def test_the_ensemble_averages_its_heads_and_pools_their_passes():
+    torch.manual_seed(0)
+    low, high = _head(-4.0), _head(4.0)
+    ensemble = PerceptionEnsemble([low, high], num_samples=3)
+    signals, prior = torch.randn(2, 2, 6, 6), torch.zeros(2, 1, 6, 6)
+    with torch.no_grad():
+        mean = ensemble(signals, 0, prior)
+        torch.testing.assert_close(mean.logits, (low(signals, 0, prior).logits + high(signals, 0, prior).logits) / 2)
+        pooled = ensemble(signals, None, prior)
+        alone = [head(signals, 4, prior).uncertainty for head in (low, high)]
+    assert pooled.logits.shape == (2, 4, 1, 6, 6)  # ceil(3 / 2) = 2 passes of each head
+    # each head is sure of itself (about sigmoid(-4) or sigmoid(4) every pass); together they disagree
+    assert all(float(u.max()) < 0.1 for u in alone) and float(pooled.uncertainty.min()) > 0.8
+    assert float(ensemble.weight_kl()) == pytest.approx(float(low.weight_kl() + high.weight_kl()))
+    with pytest.raises(ValueError, match="at least one member"):
+        PerceptionEnsemble([], num_samples=1)
+
+
+def test_each_head_of_the_ensemble_is_trained_on_its_own(bricks):
+    model, bank = _fitted(bricks, perception_members=2)
+    assert isinstance(model.uiapm, PerceptionEnsemble) and len(perception_heads(model.uiapm)) == 2
+    summary = train_perception(model, bank, bricks, torch.arange(len(bricks)), epochs=4, variants=1, seed=7)
+    assert summary["members"] == 2
+    first, second = (head.classifier.weight_mu for head in perception_heads(model.uiapm))
+    assert torch.count_nonzero(first) > 0 and torch.count_nonzero(second) > 0 and not torch.allclose(first, second)
+    assert not any(p.requires_grad for p in model.uiapm.parameters())  # frozen again after its stage
+    single, _ = _fitted(bricks, perception_members=1)
+    assert isinstance(single.uiapm, UncertaintyAnomalyPerception)

@@ -15,6 +15,7 @@ from ura_monai.losses.ura_loss import RestorationLoss
 from ura_monai.networks.blocks.fasm import FeatureAnomalySynthesis
 from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.restoration import RestorationTransformer, sincos_positions
+from ura_monai.networks.blocks.uiapm import perception_heads
 from ura_monai.networks.checkpoint import load_checkpoint, save_checkpoint
 from ura_monai.networks.nets import URANet
 
@@ -111,7 +112,7 @@ def _fitted(**kwargs) -> tuple[URANet, torch.Tensor]:
 
 def test_the_residual_is_the_third_signal_and_starts_outside_the_prior():
     model, bank = _fitted()
-    assert model.uses_residual_signal and model.uiapm.encoder[1].in_channels == 3
+    assert model.uses_residual_signal and perception_heads(model.uiapm)[0].encoder[1].in_channels == 3
     calibrate_restoration_residual(model, bank)
     with torch.no_grad():
         memory, position = model.raw_distances(bank)
@@ -129,7 +130,7 @@ def test_the_residual_is_the_third_signal_and_starts_outside_the_prior():
         model.signals_from_distances(memory, position)
     # the attention RAM keeps the two-signal perception of the first design
     attention, _ = _fitted(ram_network="attention")
-    assert not attention.uses_residual_signal and attention.uiapm.encoder[1].in_channels == 2
+    assert not attention.uses_residual_signal and perception_heads(attention.uiapm)[0].encoder[1].in_channels == 2
 
 
 def test_select_residual_weight_keeps_the_weight_with_the_best_synthetic_ap():

@@ -669,6 +669,25 @@ def test_checkpoint_without_score_map_or_coreset_loads_as_it_was_written(tmp_pat
     URANetExport(URANet(image_size=64, score_map="pixel", **SMALL)).load_state_dict(torch.load(path, weights_only=True))
 
 
+def test_checkpoint_without_perception_members_loads_its_one_head(tmp_path):
+    # checkpoints written before the perception ensemble have one head's keys and no perception_members
+    model = URANet(image_size=64, perception_members=1, **SMALL).eval()
+    with torch.no_grad():
+        model.uiapm.classifier.weight_mu.normal_()
+    path = save_checkpoint(tmp_path / "model.pt", model, {}, {})
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    del raw["_extra_state"]["config"]["perception_members"]
+    torch.save(raw, path)
+    loaded, checkpoint = load_checkpoint(path)
+    assert checkpoint["config"]["perception_members"] == 1 and isinstance(loaded.uiapm, UncertaintyAnomalyPerception)
+    torch.testing.assert_close(loaded.uiapm.classifier.weight_mu, model.uiapm.classifier.weight_mu)
+    # into the default network (an ensemble: the bundle's network_def), the load names the setting to override
+    from ura_monai.networks.nets.export import URANetExport
+
+    with pytest.raises(ValueError, match="perception_members"):
+        URANetExport(URANet(image_size=64, **SMALL)).load_state_dict(torch.load(path, weights_only=True))
+
+
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_checkpoint(tmp_path / "absent.pt")

@@ -134,6 +134,12 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "PatchCore scores patches) or the smoothed pixel map (pixel)",
     )
     p.add_argument(
+        "--perception-members",
+        type=int,
+        default=4,
+        help="heads of the perception's deep ensemble, each trained on its own seed (default 4; 1: one head)",
+    )
+    p.add_argument(
         "--map-source",
         choices=MapSource.choices(),
         default="perception",

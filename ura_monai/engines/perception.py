@@ -24,6 +24,7 @@ from ura_monai.engines.calibration import calibrate_restoration_residual, synthe
 from ura_monai.engines.features import first_view_rows
 from ura_monai.engines.loaders import image_loader
 from ura_monai.losses import gaussian_kl
+from ura_monai.networks.blocks.uiapm import perception_heads
 from ura_monai.utils.distributed import unwrap
 
 if TYPE_CHECKING:
@@ -98,6 +99,41 @@ def perception_loss(
     return terms
 
 
+def _train_member(
+    module: torch.nn.Module,
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    epochs: int,
+    batch_size: int,
+    optimizer: torch.optim.Optimizer,
+    generator: torch.Generator,
+    progress: str | None,
+) -> float:
+    """Train one perception head on ``data`` = (signals, prior maps, targets); the last iterate is kept. ``progress``
+    labels a progress bar (none if ``None``). Returns the last epoch's mean loss."""
+    signals, prior, targets = data
+    device = next(module.parameters()).device
+    positions = int(targets.numel())
+    mean_loss = float("nan")
+    epoch_range: Any = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_range = tqdm(epoch_range, desc=progress, leave=False)
+    for _ in epoch_range:
+        order = torch.randperm(signals.shape[0], generator=generator)
+        total = 0.0
+        for batch in order.split(batch_size):
+            terms = perception_loss(
+                module, signals[batch].to(device), prior[batch].to(device), targets[batch].to(device), positions
+            )
+            optimizer.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            optimizer.step()
+            total += terms["loss"].detach().item() * len(batch)
+        mean_loss = total / signals.shape[0]
+    return mean_loss
+
+
 def train_perception(
     network: torch.nn.Module,
     bank: torch.Tensor,
@@ -111,48 +147,37 @@ def train_perception(
     seed: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Train the signal perception module of ``network`` (see the module docstring); the last epoch is kept.
+    """Train the signal perception module of ``network`` (see the module docstring): each head of its ensemble
+    (:class:`~ura_monai.networks.blocks.uiapm.PerceptionEnsemble`) on the same training set with its own batch
+    order (seed ``seed + k``); the last iterates are kept, no checkpoint is picked.
 
-    Returns ``{"samples", "defects", "epochs", "loss"}`` (the last epoch's mean loss), or ``{}`` when the model has
-    no signal perception (UIAPM off, or reading features) or no FASM (no synthetic defects to learn from: the
-    module then stays the fused map it starts as).
+    Returns ``{"samples", "defects", "epochs", "members", "loss"}`` (the last epoch's mean loss, averaged over the
+    heads), or ``{}`` when the model has no signal perception (UIAPM off, or reading features) or no FASM (no
+    synthetic defects to learn from: the module then stays the fused map it starts as).
     """
     model = cast("URANet", unwrap(network))
     if not model.has_signal_perception or model.fasm is None or epochs <= 0:
         return {}
     generator = torch.Generator().manual_seed(seed)
-    signals, prior, targets = perception_training_set(
-        model, bank, images, image_rows, variants, batch_size, seed, generator
-    )
+    data = perception_training_set(model, bank, images, image_rows, variants, batch_size, seed, generator)
     module = model.uiapm.requires_grad_(True)  # frozen outside this stage (see URANet)
-    device = model.map_calibration.device
-    optimizer = torch.optim.AdamW(module.parameters(), lr=learning_rate, weight_decay=weight_decay)
-    positions = int(targets.numel())
+    heads = perception_heads(module)
     was_training = module.training
     module.train()
-    mean_loss = float("nan")
-    epoch_range: Any = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epoch_range = tqdm(epoch_range, desc="perception", leave=False)
-    for _ in epoch_range:
-        order = torch.randperm(signals.shape[0], generator=generator)
-        total = 0.0
-        for batch in order.split(batch_size):
-            terms = perception_loss(
-                module, signals[batch].to(device), prior[batch].to(device), targets[batch].to(device), positions
-            )
-            optimizer.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            optimizer.step()
-            total += terms["loss"].detach().item() * len(batch)
-        mean_loss = total / signals.shape[0]
+    losses = []
+    for k, head in enumerate(heads):
+        # the first head keeps the generator of the memory draws, as a single head always did
+        order = generator if k == 0 else torch.Generator().manual_seed(seed + k)
+        optimizer = torch.optim.AdamW(head.parameters(), lr=learning_rate, weight_decay=weight_decay)
+        label = ("perception" if len(heads) == 1 else f"perception head {k + 1}/{len(heads)}") if progress else None
+        losses.append(_train_member(head, data, epochs, batch_size, optimizer, order, label))
     module.train(was_training)
     module.requires_grad_(False)
-    logger.info("perception trained on %d signal maps (%d synthetic defects): loss %.4f", len(signals),
-                len(signals) - bank.shape[0], mean_loss)  # fmt: skip
-    return {"samples": int(signals.shape[0]), "defects": int(signals.shape[0] - bank.shape[0]), "epochs": epochs,
+    mean_loss = sum(losses) / len(losses)
+    samples = int(data[0].shape[0])
+    logger.info("perception (%d heads) trained on %d signal maps (%d synthetic defects): loss %.4f", len(heads),
+                samples, samples - bank.shape[0], mean_loss)  # fmt: skip
+    return {"samples": samples, "defects": samples - int(bank.shape[0]), "epochs": epochs, "members": len(heads),
             "loss": round(mean_loss, 4)}  # fmt: skip
 
 

@@ -57,7 +57,7 @@ ARCHITECTURE_KEYS = (
     "backbone", "levels", "image_size", "feature_stride", "smooth_kernel", "equalize_levels", "use_fasm", "use_uiapm",
     "use_ram", "perception_hidden", "latent_channels", "num_prototypes", "embed_dim", "num_heads", "exclude_radius",
     "distance_attention", "anomaly_map_source", "residual", "position_model", "position_dim", "perception_input",
-    "ram_network", "ram_depth", "ram_patch_size", "num_normal_tokens", "score_map",
+    "ram_network", "ram_depth", "ram_patch_size", "num_normal_tokens", "score_map", "perception_members",
 )  # fmt: skip
 
 
@@ -143,7 +143,8 @@ def _upgrade_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
     perception module on features, one without ``ram_network`` with the restoration attention, one without
     ``score_map`` scored images on the smoothed pixel map (its stored image threshold is on that scale), one without
     ``memory_coreset`` drew its normal memory at random (and so do the cross-fitted memories of its thresholds), one
-    without ``fusion_weight`` chose it on synthetic defects (the chosen value is its stored buffer)."""
+    without ``fusion_weight`` chose it on synthetic defects (the chosen value is its stored buffer), one without
+    ``perception_members`` had one perception head."""
     defaults = {
         "position_model": False,
         "perception_input": "features",
@@ -151,6 +152,7 @@ def _upgrade_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
         "score_map": "pixel",
         "memory_coreset": False,
         "fusion_weight": None,
+        "perception_members": 1,
     }
     checkpoint["config"] = {**defaults, **checkpoint["config"]}
     return checkpoint

@@ -6,13 +6,14 @@ from .bayesian import BayesianConv2d
 from .fasm import FeatureAnomalySynthesis, sample_region_masks
 from .feature_extractor import BACKBONE_LEVELS, PretrainedFeatureExtractor
 from .ram import RestorationAttention, RestorationOutput
-from .uiapm import PerceptionOutput, UncertaintyAnomalyPerception
+from .uiapm import PerceptionEnsemble, PerceptionOutput, UncertaintyAnomalyPerception, perception_heads
 
 __all__ = [
     "AnomalyMapGenerator",
     "BACKBONE_LEVELS",
     "BayesianConv2d",
     "FeatureAnomalySynthesis",
+    "PerceptionEnsemble",
     "PerceptionOutput",
     "PretrainedFeatureExtractor",
     "RestorationAttention",
@@ -20,5 +21,6 @@ __all__ = [
     "UncertaintyAnomalyPerception",
     "feature_residual",
     "image_score",
+    "perception_heads",
     "sample_region_masks",
 ]

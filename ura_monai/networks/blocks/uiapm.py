@@ -15,14 +15,15 @@ into anomaly logits. ``T`` stochastic passes give the anomaly probability (their
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
 
 from ura_monai.networks.blocks.bayesian import BayesianConv2d
 
-__all__ = ["UncertaintyAnomalyPerception", "PerceptionOutput"]
+__all__ = ["UncertaintyAnomalyPerception", "PerceptionEnsemble", "PerceptionOutput", "perception_heads"]
 
 
 class PerceptionOutput(NamedTuple):
@@ -134,3 +135,57 @@ class UncertaintyAnomalyPerception(nn.Module):
     def weight_kl(self) -> torch.Tensor:
         """KL of the Bayesian head's weights against their prior (Bayes-by-backprop complexity cost)."""
         return self.classifier.kl_divergence()
+
+
+class PerceptionEnsemble(nn.Module):
+    """A deep ensemble of perception modules (Lakshminarayanan et al., NeurIPS 2017), used as one module.
+
+    Each member is trained on its own (another initialisation and batch order). The members' disagreement is the
+    epistemic part of the uncertainty that one Bayesian head's passes underestimate, and their mean logit varies
+    less from one training run to the next than any member's (docs/design.md, UIAPM).
+
+    Args:
+        members: the perception modules (same input, residual head and sampling settings).
+        num_samples: stochastic passes ``T`` in all; each member runs ``ceil(T / len(members))`` of them.
+    """
+
+    def __init__(self, members: list[UncertaintyAnomalyPerception], num_samples: int) -> None:
+        super().__init__()
+        if not members:
+            raise ValueError("a perception ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.num_samples = num_samples
+
+    def prior_mean(self, mask: torch.Tensor) -> torch.Tensor:
+        """The members' (shared) latent prior mean, see :meth:`UncertaintyAnomalyPerception.prior_mean`."""
+        return self.members[0].prior_mean(mask)
+
+    def forward(
+        self, features: torch.Tensor, num_samples: int | None = None, prior_map: torch.Tensor | None = None
+    ) -> PerceptionOutput:
+        """As :meth:`UncertaintyAnomalyPerception.forward`; with ``T = 0`` the logit is the members' mean, otherwise
+        the passes of all members are pooled (their variance includes the members' disagreement)."""
+        t = self.num_samples if num_samples is None else num_samples
+        per_member = 0 if t <= 0 else math.ceil(t / len(self.members))
+        outs = [member(features, per_member, prior_map) for member in self.members]
+        latent_mean = torch.stack([o.latent_mean for o in outs]).mean(0)
+        latent_logvar = torch.stack([o.latent_logvar for o in outs]).mean(0)
+        if t <= 0:
+            logits = torch.stack([o.logits for o in outs]).mean(0)
+            probability = torch.sigmoid(logits[:, 0])
+            return PerceptionOutput(logits, probability, torch.zeros_like(probability), latent_mean, latent_logvar)
+        logits = torch.cat([o.logits for o in outs], dim=1)
+        probs = torch.sigmoid(logits)
+        uncertainty = (4.0 * probs.var(dim=1, unbiased=False)).clamp(0.0, 1.0)
+        return PerceptionOutput(logits, probs.mean(dim=1), uncertainty, latent_mean, latent_logvar)
+
+    def weight_kl(self) -> torch.Tensor:
+        """Sum of the members' Bayes-by-backprop complexity costs."""
+        return torch.stack([member.weight_kl() for member in self.members]).sum()
+
+
+def perception_heads(module: nn.Module) -> list[UncertaintyAnomalyPerception]:
+    """The perception heads of ``module``: an ensemble's members, or the module itself."""
+    if isinstance(module, PerceptionEnsemble):
+        return [cast(UncertaintyAnomalyPerception, member) for member in module.members]
+    return [cast(UncertaintyAnomalyPerception, module)]

@@ -15,7 +15,7 @@ from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtract
 from ura_monai.networks.blocks.normal_model import PositionalGaussian, cross_fitted_normal_distances
 from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.restoration import RestorationTransformer
-from ura_monai.networks.blocks.uiapm import PerceptionOutput, UncertaintyAnomalyPerception
+from ura_monai.networks.blocks.uiapm import PerceptionEnsemble, PerceptionOutput, UncertaintyAnomalyPerception
 from ura_monai.networks.nets.ura_net_options import (
     NORMAL_MODEL_SOURCES,
     RAM_NETWORKS,
@@ -36,17 +36,21 @@ RESTORATION_MASK_OFFSET = 3.0
 
 
 def _perception_module(
-    perception_input: str, channels: int, hidden: int, latent: int, num_samples: int, signals: int = 2
-) -> UncertaintyAnomalyPerception:
-    """UIAPM on the ``signals`` discrepancy signals (a residual head over their fused map) or on the features."""
-    if perception_input == "signals":
-        module = UncertaintyAnomalyPerception(
-            signals, hidden, latent, num_samples, normalize_input=False, residual_head=True
-        )
-        # trained in its own stage on cross-fitted signals (engines/perception.py), not by the main loop, whose
-        # optimizer and DistributedDataParallel wrapper therefore leave it out
-        return module.requires_grad_(False)
-    return UncertaintyAnomalyPerception(channels, hidden, latent, num_samples)
+    config: Mapping[str, Any], channels: int, signals: int
+) -> UncertaintyAnomalyPerception | PerceptionEnsemble:
+    """UIAPM on the ``signals`` discrepancy signals (a residual head over their fused map; an ensemble of
+    ``perception_members`` such heads) or on the features."""
+    hidden, latent, samples = config["perception_hidden"], config["latent_channels"], config["num_samples"]
+    if config["perception_input"] != "signals":
+        return UncertaintyAnomalyPerception(channels, hidden, latent, samples)
+    members = [
+        UncertaintyAnomalyPerception(signals, hidden, latent, samples, normalize_input=False, residual_head=True)
+        for _ in range(config["perception_members"])
+    ]
+    # trained in its own stage on cross-fitted signals (engines/perception.py), not by the main loop, whose
+    # optimizer and DistributedDataParallel wrapper therefore leave it out
+    module = members[0] if len(members) == 1 else PerceptionEnsemble(members, samples)
+    return module.requires_grad_(False)
 
 
 def _restoration_module(
@@ -105,6 +109,8 @@ class URANet(nn.Module):
         perception_hidden: width of the perception encoder.
         latent_channels: size of the perception module's per-position latent Gaussian.
         num_samples: stochastic passes of the perception module at inference (uncertainty); 0 for none.
+        perception_members: signal perception only: heads in its deep ensemble (:class:`PerceptionEnsemble`), each
+            trained on its own; their mean logit is the map, their pooled passes the uncertainty. 1: one head.
         num_prototypes: size of the RAM's global normal memory (normal training features).
         memory_coreset: fill the normal memory with a greedy k-center coreset of the normal training features, kept
             fixed (default, as PatchCore's memory: rare normal appearances are kept, and the memory distances at test
@@ -171,6 +177,7 @@ class URANet(nn.Module):
         perception_hidden: int = 16,
         latent_channels: int = 8,
         num_samples: int = 8,
+        perception_members: int = 4,
         num_prototypes: int = 1024,
         memory_coreset: bool = True,
         embed_dim: int = 128,
@@ -221,8 +228,7 @@ class URANet(nn.Module):
         self.fasm = FeatureAnomalySynthesis(*fasm_options, fasm_probability) if use_fasm else None
         grid = (image_size // feature_stride, image_size // feature_stride)
         signals = 3 if use_ram and ram_network == "transformer" else 2  # the transformer's residual is the third
-        perception = (perception_input, channels, perception_hidden, latent_channels, num_samples, signals)
-        self.uiapm = _perception_module(*perception) if use_uiapm else None
+        self.uiapm = _perception_module(self.config, channels, signals) if use_uiapm else None
         self.ram = _restoration_module(self.config, channels, grid)
         if self.ram is not None and memory_coreset:  # a coreset memory stays the normal features it was drawn from
             self.ram.prototypes.requires_grad_(False)
