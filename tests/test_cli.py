@@ -330,8 +330,9 @@ def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
     assert stored["config"]["anomaly_map_source"] == "restoration" and stored["config"]["perception_members"] == 2
     assert any(k.startswith("uiapm.members.1.") for k in stored["state_dict"])
     bad = ["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--perception-members", "0"]
-    assert main([*bad, "--output", str(tmp_path / "bad"), *QUIET]) == 2
-    assert "--perception-members must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*bad, "--output", str(tmp_path / "bad"), *QUIET])
+    assert exit_info.value.code == 2 and "--perception-members: must be a positive integer" in capsys.readouterr().err
     images = torch.stack(
         [
             torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1)

@@ -817,7 +817,8 @@ def test_fit_without_ram_trains_the_signal_perception_only(small_demo, tmp_path)
     checkpoint = read_checkpoint(result["checkpoint"])
     assert result["losses"] == {} and checkpoint["config"]["use_ram"] is False
     assert checkpoint["extra"]["perception_training"]["defects"] > 0
-    assert torch.count_nonzero(checkpoint["state_dict"]["uiapm.classifier.weight_mu"]) > 0
+    heads = [v for k, v in checkpoint["state_dict"].items() if k.startswith("uiapm.") and "classifier.weight_mu" in k]
+    assert len(heads) == 4 and all(torch.count_nonzero(weights) > 0 for weights in heads)
 
 
 @pytest.mark.slow

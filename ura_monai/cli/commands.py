@@ -178,8 +178,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         "perception_members": args.perception_members,
         "anomaly_map_source": args.map_source,
     }
-    if args.perception_members < 1:
-        raise CLIError(f"--perception-members must be at least 1, got {args.perception_members}")
     if args.no_uiapm and args.no_ram:
         raise CLIError("--no-uiapm and --no-ram together leave no anomaly map; keep at least one module")
     if args.backbone_weights is not None:

@@ -110,6 +110,24 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
         default="none",
         help="training views: none, hflip, or dihedral (flips and rotations)",
     )
+    _add_model_arguments(p)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the fit run in OUTPUT from its last complete epoch (same settings required)",
+    )
+    p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding workers (default 0)")
+    p.add_argument(
+        "--output", required=True, metavar="DIR", help="new or empty folder for model.pt, train_state/ and runs/"
+    )
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+
+
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``fit``'s URANet options: the ablations, the restoration network, the perception ensemble, the maps."""
     p.add_argument("--no-fasm", action="store_true", help="ablation: no feature-level anomaly synthesis")
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
@@ -135,7 +153,7 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--perception-members",
-        type=int,
+        type=_positive_int,
         default=4,
         help="heads of the perception's deep ensemble, each trained on its own seed (default 4; 1: one head)",
     )
@@ -148,19 +166,6 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
         "at the same position (position: aligned parts); or the RAM's attention restoration (restoration: about "
         "3x slower on CPU); see docs/benchmarks.md",
     )
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
-    p.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue the fit run in OUTPUT from its last complete epoch (same settings required)",
-    )
-    p.add_argument("--num-workers", type=_non_negative_int, default=0, help="image decoding workers (default 0)")
-    p.add_argument(
-        "--output", required=True, metavar="DIR", help="new or empty folder for model.pt, train_state/ and runs/"
-    )
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
 
 
 def _add_test_command(sub: Any, common: argparse.ArgumentParser) -> None:
