@@ -19,6 +19,7 @@ entry's image_threshold, set on the held-out normal training images as ``fit`` s
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import math
@@ -29,13 +30,14 @@ import torch
 
 from ura_monai.data import build_datalist
 from ura_monai.engines.evaluation import compute_thresholds, run_inference
-from ura_monai.engines.features import extract_feature_bank
+from ura_monai.engines.features import extract_feature_bank, view_images
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.workflow import fit, split_normal_validation
 from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.checkpoint import load_checkpoint
+from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import normal_postprocessing_stats
 from ura_monai.utils.enums import AugmentView, Backbone, Layout, ScoreMap, ScoreMode
 
@@ -75,11 +77,27 @@ def threshold_items(train_items, args) -> list:
     return val_items or fit_items
 
 
+def training_view_images(train_items, args, channels):
+    """The images behind the rows of ``fit``'s feature bank (the training images minus the held-out split, each
+    view), in the bank's order: the guides of the cross-fitted training maps."""
+    fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
+    return view_images(image_loader(fit_items, args.image_size, args.batch_size, 0, channels), args.augment)
+
+
+def reference_map_generator(args) -> AnomalyMapGenerator:
+    """The references' pixel maps: URA-Net's own refinement (the guided filter, by default) or, with
+    ``--reference-smoothing gaussian``, the sigma-4 Gaussian of the references before 2026-12-07 (fourth session)."""
+    if args.reference_smoothing == "gaussian":
+        return AnomalyMapGenerator(sigma=4.0)
+    defaults = inspect.signature(URANet).parameters
+    return AnomalyMapGenerator(*(defaults[k].default for k in ("sigma", "guided_radius", "guided_eps")))
+
+
 @torch.no_grad()
 def nearest_neighbour_reference(
     train_items, test_items, masks, args, device, subset: int | None = None, equalize_levels: bool = False
 ) -> dict:
-    """PatchCore without coreset on the same extractor, training views and smoothing as URA-Net.
+    """PatchCore without coreset on the same extractor, training views and map refinement as URA-Net.
 
     The memory holds the training images minus the held-out normal split, and the image threshold is set
     on that split exactly as ``fit`` sets the model's (``normal_postprocessing_stats``), so ``normal_fpr`` /
@@ -101,7 +119,7 @@ def nearest_neighbour_reference(
         memory = memory[
             torch.randperm(memory.shape[0], generator=torch.Generator().manual_seed(args.seed))[:subset].to(device)
         ]
-    generator = AnomalyMapGenerator(sigma=4.0).to(device)
+    generator = reference_map_generator(args).to(device)
 
     def score(items):
         scores, grid_scores, maps = [], [], []
@@ -110,7 +128,7 @@ def nearest_neighbour_reference(
             b, c, h, w = feats.shape
             queries = feats.permute(0, 2, 3, 1).reshape(-1, c)
             dist = torch.cat([torch.cdist(q, memory).amin(dim=1) for q in queries.split(2048)]).view(b, 1, h, w)
-            amap = generator(dist, batch["image"].shape[-2:])
+            amap = generator(dist, batch["image"].shape[-2:], guide=batch["image"].to(device))
             scores.append(image_score(amap, "max").cpu())
             grid_scores.append(image_score(dist, "max").cpu())
             maps.append(amap.cpu())
@@ -190,6 +208,7 @@ def run_model(
             batch_size=args.batch_size,
             device=args.device,
             training_features=fitted["features"],
+            training_images=training_view_images(train_items, args, checkpoint["extra"].get("channels")),
         )
         figures[f"map_{source}"] = model_metrics(model, test_items, masks, args, threshold["image_threshold"])
     return figures
@@ -222,6 +241,12 @@ def main(argv=None) -> dict:
         "--no-references",
         action="store_true",
         help="skip the nearest-neighbour references (all training patches: slow on large sets)",
+    )
+    parser.add_argument(
+        "--reference-smoothing",
+        default="model",
+        choices=["model", "gaussian"],
+        help="the references' pixel maps: URA-Net's default refinement (guided filter) or the sigma-4 Gaussian",
     )
     parser.add_argument("--work-dir", default="outputs/bench_quality")
     args = parser.parse_args(argv)

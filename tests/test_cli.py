@@ -320,6 +320,8 @@ def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
             "restoration",
             "--perception-members",
             "2",
+            "--guided-radius",
+            "0",
             "--output",
             str(out),
             *QUIET,
@@ -329,6 +331,7 @@ def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
     stored = read_checkpoint(out / "model.pt")
     assert stored["config"]["anomaly_map_source"] == "restoration" and stored["config"]["perception_members"] == 2
     assert any(k.startswith("uiapm.members.1.") for k in stored["state_dict"])
+    assert stored["config"]["guided_radius"] == 0 and stored["config"]["sigma"] == 4.0  # the Gaussian map instead
     bad = ["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--perception-members", "0"]
     with pytest.raises(SystemExit) as exit_info:
         main([*bad, "--output", str(tmp_path / "bad"), *QUIET])

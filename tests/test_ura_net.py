@@ -571,8 +571,8 @@ def test_the_image_score_reads_the_grid_map_unless_told_the_pixel_map():
     model = URANet(image_size=64, **SMALL).eval()
     grid = torch.zeros(2, 1, 8, 8)
     grid[0, 0, 3, 4] = 1.0  # a defect of one feature cell
-    pixel = model.map_generator(grid, (64, 64))
-    assert float(pixel.max()) < 0.6  # the smoothed map dilutes it ...
+    pixel = model.map_generator(grid, (64, 64), guide=torch.full((2, 3, 64, 64), 0.5))
+    assert float(pixel.max()) < 0.6  # the refined map of a flat image dilutes it ...
     assert torch.equal(model.score_images(grid, pixel), torch.tensor([1.0, 0.0]))  # ... the grid score does not
     assert torch.equal(
         URANet(image_size=64, score_map="pixel", **SMALL).score_images(grid, pixel), pixel.amax((1, 2, 3))
@@ -686,6 +686,22 @@ def test_checkpoint_without_perception_members_loads_its_one_head(tmp_path):
 
     with pytest.raises(ValueError, match="perception_members"):
         URANetExport(URANet(image_size=64, **SMALL)).load_state_dict(torch.load(path, weights_only=True))
+
+
+def test_checkpoint_without_guided_radius_keeps_its_gaussian_map(tmp_path):
+    # checkpoints written before the guided filter smoothed their maps with the Gaussian alone (their stored sigma)
+    model = URANet(image_size=64, guided_radius=0, sigma=4.0, **SMALL).eval()
+    path = save_checkpoint(tmp_path / "model.pt", model, {}, {})
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    del raw["_extra_state"]["config"]["guided_radius"], raw["_extra_state"]["config"]["guided_eps"]
+    torch.save(raw, path)
+    loaded, checkpoint = load_checkpoint(path)
+    assert checkpoint["config"]["guided_radius"] == 0 and not loaded.map_generator.needs_guide
+    grid = torch.rand(1, 1, 8, 8)
+    torch.testing.assert_close(loaded.map_generator(grid, (64, 64)), model.map_generator(grid, (64, 64)))
+    # the default network refines its map with the image, so it cannot make one without it
+    with pytest.raises(ValueError, match="guide"):
+        URANet(image_size=64, **SMALL).map_generator(grid, (64, 64))
 
 
 def test_checkpoint_errors(tmp_path):

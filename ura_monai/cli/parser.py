@@ -127,7 +127,8 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
-    """``fit``'s URANet options: the ablations, the restoration network, the perception ensemble, the maps."""
+    """``fit``'s URANet options: the ablations, the restoration network, the perception ensemble, the maps, the
+    pixel map's refinement."""
     p.add_argument("--no-fasm", action="store_true", help="ablation: no feature-level anomaly synthesis")
     p.add_argument("--no-uiapm", action="store_true", help="ablation: no uncertainty-integrated anomaly perception")
     p.add_argument("--no-ram", action="store_true", help="ablation: no restoration attention")
@@ -156,6 +157,13 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
         type=_positive_int,
         default=4,
         help="heads of the perception's deep ensemble, each trained on its own seed (default 4; 1: one head)",
+    )
+    p.add_argument(
+        "--guided-radius",
+        type=_non_negative_int,
+        default=8,
+        help="the pixel map's refinement: guided filter radius in pixels, with the image as guide (default 8, one "
+        "feature cell); 0: the Gaussian (sigma 4) of versions before it",
     )
     p.add_argument(
         "--map-source",

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -94,12 +94,15 @@ def compute_thresholds(
     num_workers: int = 0,
     amp: bool = False,
     training_features: torch.Tensor | None = None,
+    training_images: Iterable[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Image and pixel thresholds from normal data (``normal_postprocessing_stats`` of their scores and maps): the
     held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the
     cached ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each
     block scored by normal models fitted without it), so that the thresholds rest on every normal image instead
-    of a handful. ``network`` may be DDP-wrapped; its train/eval mode is restored."""
+    of a handful. A map guided by the image (``guided_radius > 0``) needs those images too: ``training_images``,
+    batches of them in the rows' order (``engines.features.view_images``). ``network`` may be DDP-wrapped; its
+    train/eval mode is restored."""
     model = cast(URANet, unwrap(network))
     was_training = model.training
     _, outputs = run_inference(
@@ -123,11 +126,28 @@ def compute_thresholds(
         else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device))
     )
     if grid is not None:
-        for part in grid.split(32):
-            part_maps = model.map_generator(part, (image_size, image_size))
+        for part, guide in _grid_parts_and_guides(model, grid, training_images):
+            part_maps = model.map_generator(part, (image_size, image_size), guide=guide)
             scores += model.score_images(part, part_maps).tolist()
             maps.append(part_maps.float().cpu())
     return normal_postprocessing_stats(scores, torch.cat(maps) if maps else None)
+
+
+def _grid_parts_and_guides(
+    model: URANet, grid: torch.Tensor, images: Iterable[torch.Tensor] | None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(grid maps, their images or None)`` in chunks: the images only where the map is guided by them."""
+    if not model.map_generator.needs_guide:
+        yield from ((part, None) for part in grid.split(32))
+        return
+    if images is None:
+        raise ValueError("the model's map is guided by the image: thresholds from training features need their images")
+    row = 0
+    for guide in images:
+        yield grid[row : row + guide.shape[0]], guide.to(grid.device)
+        row += guide.shape[0]
+    if row != grid.shape[0]:
+        raise ValueError(f"{row} training images for {grid.shape[0]} cached feature maps")
 
 
 def test(

@@ -10,7 +10,7 @@ training runs on the cache. The one cached-feature path of ``workflow.fit`` and 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "extract_feature_bank",
     "first_view_rows",
     "fit_normal_statistics",
+    "view_images",
 ]
 
 logger = logging.getLogger("ura_monai")
@@ -66,6 +67,13 @@ def first_view_rows(num_images: int, views: int, batch_size: int) -> torch.Tenso
     return (index // batch_size) * batch_size * views + index % batch_size
 
 
+def view_images(batches: Iterable[dict], augment: str = "none") -> Iterator[torch.Tensor]:
+    """The images of every batch and view (B, C, H, W), in the order :func:`extract_feature_bank` stacks their
+    features: the rows of a feature bank and these images correspond one to one."""
+    for batch in batches:
+        yield from augmented_views(batch["image"], augment)
+
+
 @torch.no_grad()
 def extract_feature_bank(
     extractor: torch.nn.Module,
@@ -91,11 +99,9 @@ def extract_feature_bank(
     device = torch.device(device)
     extractor = extractor.to(device).eval()
     bank = []
-    for batch in tqdm(batches, desc="backbone features", disable=not progress, leave=False):
-        images = batch["image"].to(device)
+    for view in view_images(tqdm(batches, desc="backbone features", disable=not progress, leave=False), augment):
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            for view in augmented_views(images, augment):
-                bank.append(extractor(view).float().cpu())
+            bank.append(extractor(view.to(device)).float().cpu())
     if not bank:
         raise ValueError("no training images to extract features from")
     return torch.cat(bank)

@@ -16,7 +16,8 @@ from monai.utils import set_determinism
 
 from ura_monai.engines.calibration import fusion_weight_from_items
 from ura_monai.engines.evaluation import compute_thresholds
-from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics
+from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics, view_images
+from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.perception import train_perception_from_items
 from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
@@ -186,7 +187,7 @@ def fit(
                     tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
     postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset.bank, image_size, channels,
-                                                           batch_size, device, num_workers, amp, seed, progress)
+                                                           batch_size, device, num_workers, amp, seed, progress, augment)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment,
              "batch_size": batch_size, "learning_rate": learning_rate, "train_images": len(fit_items),
              "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2),
@@ -243,6 +244,7 @@ def _calibrate(
     amp: bool,
     seed: int,
     progress: bool = False,
+    augment: str = "none",
 ) -> tuple[dict[str, float], dict[str, float] | None, dict[str, Any]]:
     """``(thresholds, fusion and residual weight scores by weight, perception training summary)`` after training.
 
@@ -250,7 +252,8 @@ def _calibrate(
     images (unseen by the normal models); it stays 0.5 without FASM or when too few images were held out. The
     signal perception is then trained on synthetic defects painted into the training images (cross-fitted
     signals; ``engines/perception.py``). The thresholds come from normal data, with the uncertainty passes off
-    (they do not change the map)."""
+    (they do not change the map); a map guided by the image reads the training images again, view by view in the
+    bank's order (``augment``)."""
     fusion_scores = None
     was_training = model.training
     model.eval()
@@ -262,8 +265,10 @@ def _calibrate(
     perception = train_perception_from_items(model, fit_items, bank, image_size, channels, batch_size, seed, progress,
                                              calibrate_residual=fusion_scores is None)  # fmt: skip
     model.train(was_training)
+    training_images = view_images(image_loader(fit_items, image_size, batch_size, num_workers, channels), augment)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
-                                        device=device, num_workers=num_workers, amp=amp, training_features=bank)  # fmt: skip
+                                        device=device, num_workers=num_workers, amp=amp, training_features=bank,
+                                        training_images=training_images)  # fmt: skip
     return (
         postprocessing,
         None if fusion_scores is None else {k: round(v, 4) for k, v in fusion_scores.items()},

@@ -338,9 +338,12 @@ class FastURANet(nn.Module):
                         grid = token_residual(tokens, restoration, model.level_channels).view(b, 1, h, w)
         with self._stage("upsample_smooth"):
             grid = grid.float()
-            a_y = self._axis_matrix(h, size[0], images.device)
-            a_x = a_y if (w, size[1]) == (h, size[0]) else self._axis_matrix(w, size[1], images.device)
-            anomaly_map = torch.matmul(torch.matmul(a_y, grid), a_x.t())  # (B, 1, H, W)
+            if model.map_generator.needs_guide:  # the guided filter depends on the image: not a fixed matrix
+                anomaly_map = model.map_generator(grid, size, guide=images.float())
+            else:
+                a_y = self._axis_matrix(h, size[0], images.device)
+                a_x = a_y if (w, size[1]) == (h, size[0]) else self._axis_matrix(w, size[1], images.device)
+                anomaly_map = torch.matmul(torch.matmul(a_y, grid), a_x.t())  # (B, 1, H, W)
         with self._stage("score"):
             result = {"anomaly_map": anomaly_map, "pred_score": model.score_images(grid, anomaly_map)}
         with self._stage("other_maps"):

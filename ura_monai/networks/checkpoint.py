@@ -153,6 +153,8 @@ def _upgrade_config(checkpoint: dict[str, Any]) -> dict[str, Any]:
         "memory_coreset": False,
         "fusion_weight": None,
         "perception_members": 1,
+        "guided_radius": 0,
+        "sigma": 4.0,
     }
     checkpoint["config"] = {**defaults, **checkpoint["config"]}
     return checkpoint

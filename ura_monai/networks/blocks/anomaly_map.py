@@ -10,7 +10,7 @@ from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
 
-__all__ = ["AnomalyMapGenerator", "feature_residual", "image_score"]
+__all__ = ["AnomalyMapGenerator", "box_filter", "feature_residual", "guided_filter", "image_score"]
 
 SCORE_MODES = ("max", "topk_mean", "std", "mean")
 
@@ -43,25 +43,101 @@ def image_score(anomaly_map: torch.Tensor, mode: str = "max", top_k: float = 0.0
     raise ValueError(f"unknown score mode '{mode}'; choose one of {SCORE_MODES}")
 
 
-class AnomalyMapGenerator(nn.Module):
-    """Upsample a feature-grid map to the image size and smooth it with a Gaussian (separable, on the device).
+def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean of each channel of ``x`` (B, C, H, W) over a (2r+1) x (2r+1) window, reflected at the borders
+    (MONAI's ``separable_filtering``: two 1D passes, so the cost does not grow with the window's area)."""
+    kernel = torch.full((2 * radius + 1,), 1.0 / (2 * radius + 1), dtype=x.dtype, device=x.device)
+    return separable_filtering(x, [kernel, kernel], mode="reflect")
 
-    Borders are reflected, not zero-padded, so anomalies at the image edge keep their strength.
+
+def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """The guided filter (He, Sun and Tang, "Guided Image Filtering", ECCV 2010 / TPAMI 2013) of ``source``
+    (B, 1, H, W) by ``guide`` (B, 1 or 3, H, W): in every window the output is a linear function of the guide
+    fitted to the source by ridge regression (``eps``), averaged over the windows that cover a pixel. Where the
+    guide is flat it is a box smoothing of the source; where the guide has an edge the source's step is kept at
+    that edge. The colour form: a 3 x 3 covariance per window, inverted in closed form so that TorchScript and ONNX
+    export it; a grey guide is used as three equal channels, as the backbone sees it (the same as the grey form
+    with ``eps / 3``), so that one traced graph serves grey and colour images.
+
+    Args:
+        guide: the image, intensities in [0, 1].
+        source: the map to filter, at the guide's size.
+        radius: window radius in pixels (reduced to fit images smaller than the window).
+        eps: ridge term in squared intensity units: edges whose contrast is well above ``sqrt(eps)`` are kept.
+    """
+    guide = guide.to(source.dtype)
+    if guide.shape[1] == 1:
+        guide = guide.expand(-1, 3, -1, -1)
+    elif guide.shape[1] != 3:
+        raise ValueError(f"the guide must have 1 or 3 channels, got {guide.shape[1]}")
+    radius = max(1, min(radius, min(source.shape[-2:]) - 1))
+    mean_i, mean_p = box_filter(guide, radius), box_filter(source, radius)
+    cov_ip = box_filter(guide * source, radius) - mean_i * mean_p
+    r, g, bl = guide[:, 0:1], guide[:, 1:2], guide[:, 2:3]
+    products = torch.cat([r * r, r * g, r * bl, g * g, g * bl, bl * bl], dim=1)
+    m = box_filter(products, radius)
+    mr, mg, mb = mean_i[:, 0:1], mean_i[:, 1:2], mean_i[:, 2:3]
+    s_rr, s_rg, s_rb = m[:, 0:1] - mr * mr + eps, m[:, 1:2] - mr * mg, m[:, 2:3] - mr * mb
+    s_gg, s_gb, s_bb = m[:, 3:4] - mg * mg + eps, m[:, 4:5] - mg * mb, m[:, 5:6] - mb * mb + eps
+    # inverse of the symmetric covariance by its cofactors (positive definite: eps > 0 on the diagonal)
+    c_rr, c_rg, c_rb = s_gg * s_bb - s_gb * s_gb, s_rb * s_gb - s_rg * s_bb, s_rg * s_gb - s_rb * s_gg
+    c_gg, c_gb, c_bb = s_rr * s_bb - s_rb * s_rb, s_rg * s_rb - s_rr * s_gb, s_rr * s_gg - s_rg * s_rg
+    det = s_rr * c_rr + s_rg * c_rg + s_rb * c_rb
+    p_r, p_g, p_b = cov_ip[:, 0:1], cov_ip[:, 1:2], cov_ip[:, 2:3]
+    a = (
+        torch.cat(
+            [
+                c_rr * p_r + c_rg * p_g + c_rb * p_b,
+                c_rg * p_r + c_gg * p_g + c_gb * p_b,
+                c_rb * p_r + c_gb * p_g + c_bb * p_b,
+            ],
+            dim=1,
+        )
+        / det
+    )
+    b = mean_p - (a * mean_i).sum(1, keepdim=True)
+    return (box_filter(a, radius) * guide).sum(1, keepdim=True) + box_filter(b, radius)
+
+
+class AnomalyMapGenerator(nn.Module):
+    """Upsample a feature-grid map to the image size (bilinear), then refine it: the guided filter with the image as
+    guide (``guided_radius > 0``), so that the map's edges follow the image's, and/or a Gaussian (``sigma > 0``).
+    Both run on the device; borders are reflected, not zero-padded, so anomalies at the image edge keep their strength.
 
     Args:
         sigma: Gaussian standard deviation in output pixels (4 as in the MVTec literature); 0 disables smoothing.
+        guided_radius: window radius of the guided filter in pixels (one feature cell, 8, in URA-Net); 0 disables it.
+        guided_eps: the guided filter's ridge term, for intensities in [0, 1] (see :func:`guided_filter`).
     """
 
     kernel: torch.Tensor  # buffer
 
-    def __init__(self, sigma: float = 4.0) -> None:
+    def __init__(self, sigma: float = 4.0, guided_radius: int = 0, guided_eps: float = 1e-3) -> None:
         super().__init__()
         self.sigma = sigma
+        self.guided_radius = int(guided_radius)
+        self.guided_eps = float(guided_eps)
         kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, normalize=True) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel.float(), persistent=False)
 
-    def forward(self, grid_map: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+    @property
+    def needs_guide(self) -> bool:
+        """Whether the map depends on the image (``forward`` then needs ``guide``)."""
+        return self.guided_radius > 0
+
+    def forward(
+        self, grid_map: torch.Tensor, image_size: tuple[int, int], guide: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 1, H, W) map from the grid map (B, 1, h, w); ``guide``: the images (B, 1 or 3, H, W) in [0, 1]."""
         up = F.interpolate(grid_map, size=tuple(image_size), mode="bilinear", align_corners=False)
+        if self.guided_radius > 0:
+            if guide is None:
+                raise ValueError(
+                    "this anomaly map is guided by the image (guided_radius > 0): pass the images as guide"
+                )
+            if guide.shape[-2:] != up.shape[-2:] or guide.shape[0] != up.shape[0]:
+                raise ValueError(f"guide of shape {tuple(guide.shape)} does not match the map {tuple(up.shape)}")
+            up = guided_filter(guide, up.float(), self.guided_radius, self.guided_eps).to(up.dtype)
         if self.sigma <= 0:
             return up
         kernel = self.kernel.to(up.dtype)

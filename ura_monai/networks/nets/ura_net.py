@@ -86,21 +86,19 @@ class URANet(nn.Module):
               -> RAM(F', p, u) -> restoration R (from normal context and prototypes), restored p*R + (1-p)*F'
                  (``ram_network="transformer"``: a masked-restoration transformer; z(||F' - R||) is a third signal)
                  (other map sources: the residual to R, the restored features, the memory, position or fused map)
-              -> upsampled, Gaussian-smoothed anomaly map; image score = max of the grid map (``score_map``)
+              -> upsampled map, refined by the guided filter with the image as guide (edges follow the image's);
+                 image score = max of the grid map (``score_map``)
 
     Args:
         backbone: ``"efficientnet_lite0"`` (offline ImageNet weights) or ``"wide_resnet50_2"`` (torchvision).
         levels: backbone levels used, by stride (see ``PretrainedFeatureExtractor``).
         image_size: square input size (a multiple of 32).
         feature_stride: stride of the common feature grid (8: a 32x32 grid for 256x256 images).
-        smooth_kernel: average-pool size applied to each level (local neighbourhood aggregation); 1 (default) disables it.
+        smooth_kernel: average-pool size applied to each level (neighbourhood aggregation); 1 (default) disables it.
         equalize_levels: scale each level so that its total variance over the normal training features is 1
             (set by ``fit_normal_statistics``), so that no level dominates distances; ``False`` keeps raw features.
-        backbone_weights: optional local state-dict file for the backbone.
-        pretrained: load the backbone's ImageNet weights (``False`` only for tests).
-        use_fasm: synthesize feature-level anomalies during training (ablation switch).
-        use_uiapm: use the perception module; off, the RAM trusts every position and restores everywhere.
-        use_ram: use the restoration attention; off, the anomaly map is the perception probability.
+        backbone_weights, pretrained: an optional local weights file of the backbone; ``pretrained=False``: none (tests).
+        use_fasm, use_uiapm, use_ram: FASM, the perception module and the restoration (ablation switches).
         fasm_mask_types, fasm_corruptions, fasm_area_range, fasm_noise_scale, fasm_probability: FASM options.
         perception_input: what UIAPM reads: ``"signals"`` (default: the standardized memory and position distances
             of each position, the head correcting their fused map; trained by
@@ -144,8 +142,12 @@ class URANet(nn.Module):
             standardized by their cross-fitted normal statistics and weighted by ``fusion_weight``), ``"memory"``
             (distance to the nearest entry of the RAM's normal memory, the fastest; ``"prototype"`` is its older name),
             ``"position"`` (Mahalanobis distance to the normal Gaussian of the same position), ``"restoration"``
-            (residual to the RAM's restoration) or ``"restored"`` (residual to the gated restored features). docs/design.md has the measurements behind the default.
-        sigma: Gaussian smoothing of the map, in pixels.
+            (residual to the RAM's restoration) or ``"restored"`` (residual to the gated restored features); the
+            measurements behind the default: docs/design.md.
+        guided_radius: radius in pixels of the guided filter (He et al., ECCV 2010) that refines the upsampled map with
+            the input image as guide, so that its edges follow the image's (8: one feature cell); 0: off (before 0.8.0).
+        guided_eps: its ridge term, intensities in [0, 1] (edges of contrast well above its square root shape the map).
+        sigma: Gaussian smoothing of the map in pixels, after the guided filter (0 with it; 4 without, as before 0.8.0).
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of the map's values averaged by ``topk_mean``.
         score_map: which map the image score reads: ``"grid"`` (default: the map on the feature grid, before upsampling
@@ -194,18 +196,17 @@ class URANet(nn.Module):
         position_dim: int = 64,
         fusion_weight: float | None = 0.5,
         anomaly_map_source: str = "perception",
-        sigma: float = 4.0,
+        guided_radius: int = 8,
+        guided_eps: float = 1e-3,
+        sigma: float = 0.0,
         score_mode: str = "max",
         top_k: float = 0.01,
         score_map: str = "grid",
     ) -> None:
         super().__init__()
         # everything needed to rebuild the network from a checkpoint
-        self.config: dict[str, Any] = {
-            k: (list(v) if isinstance(v, (tuple, list)) else v)
-            for k, v in locals().items()
-            if k not in ("self", "__class__")
-        }
+        arguments = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
+        self.config: dict[str, Any] = {k: list(v) if isinstance(v, (tuple, list)) else v for k, v in arguments.items()}
         self.config["backbone_weights"] = None if backbone_weights is None else str(backbone_weights)
         self.anomaly_map_source = checked_map_source(
             anomaly_map_source, use_uiapm, use_ram, position_model, perception_input
@@ -234,7 +235,7 @@ class URANet(nn.Module):
             self.ram.prototypes.requires_grad_(False)
         self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
         self._register_calibration_buffers(fusion_weight)
-        self.map_generator = AnomalyMapGenerator(sigma)
+        self.map_generator = AnomalyMapGenerator(sigma, guided_radius, guided_eps)
 
     def _register_calibration_buffers(self, fusion_weight: float | None) -> None:
         """The statistics that fit sets and checkpoints keep, at their neutral starts."""
@@ -490,7 +491,7 @@ class URANet(nn.Module):
         else:
             outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
             grid_map = self.grid_anomaly_map(outputs)
-        anomaly_map = self.map_generator(grid_map, size)
+        anomaly_map = self.map_generator(grid_map, size, guide=images)
         result = {"anomaly_map": anomaly_map, "pred_score": self.score_images(grid_map, anomaly_map)}
         if "probability" in outputs:
             up = torch.nn.functional.interpolate
