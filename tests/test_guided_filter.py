@@ -79,3 +79,20 @@ def test_the_refined_map_follows_the_defect_edge_in_the_image():
     assert float(guided[mask > 0].min()) > float(guided[mask == 0].max()) + 0.2
     assert float(gaussian[mask > 0].min()) < float(gaussian[mask == 0].max())
     assert M.pixel_ap(guided, mask) == pytest.approx(1.0) and M.pixel_ap(gaussian, mask) < 0.99
+
+
+def test_the_fast_filter_is_close_to_the_exact_one_on_a_map_upsampled_from_the_grid():
+    """The map has no detail finer than its stride-8 grid, so fitting the coefficients on 4 x 4 blocks (the
+    default) changes it little; sizes that the blocks do not divide are averaged by area."""
+    generator = torch.Generator().manual_seed(5)
+    image = F.interpolate(torch.rand(2, 3, 16, 16, generator=generator), size=(64, 64), mode="bilinear")
+    grid = torch.rand(2, 1, 8, 8, generator=generator)
+    source = F.interpolate(grid, size=(64, 64), mode="bilinear", align_corners=False)
+    exact, fast = guided_filter(image, source, 8, 1e-3), guided_filter(image, source, 8, 1e-3, subsample=4)
+    difference = (fast - exact).abs()
+    assert float(difference.mean()) < 0.03 * float(source.max() - source.min())
+    # closer to the exact filter than the filter of a flat guide (a double box smoothing) is
+    assert float(difference.mean()) < 0.6 * float((box_filter(box_filter(source, 8), 8) - exact).abs().mean())
+    assert not torch.allclose(fast, exact)  # it is an approximation, computed another way
+    odd = AnomalyMapGenerator(0.0, 8)(grid, (62, 66), guide=torch.rand(2, 1, 62, 66, generator=generator))
+    assert odd.shape == (2, 1, 62, 66) and torch.isfinite(odd).all()

@@ -50,7 +50,9 @@ def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
     return separable_filtering(x, [kernel, kernel], mode="reflect")
 
 
-def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+def guided_filter(
+    guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float, subsample: int = 1
+) -> torch.Tensor:
     """The guided filter (He, Sun and Tang, "Guided Image Filtering", ECCV 2010 / TPAMI 2013) of ``source``
     (B, 1, H, W) by ``guide`` (B, 1 or 3, H, W): in every window the output is a linear function of the guide
     fitted to the source by ridge regression (``eps``), averaged over the windows that cover a pixel. Where the
@@ -62,14 +64,39 @@ def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: f
     Args:
         guide: the image, intensities in [0, 1].
         source: the map to filter, at the guide's size.
-        radius: window radius in pixels (reduced to fit images smaller than the window).
+        radius: window radius in pixels of the full resolution (reduced to fit images smaller than the window).
         eps: ridge term in squared intensity units: edges whose contrast is well above ``sqrt(eps)`` are kept.
+        subsample: the fast guided filter (He and Sun, arXiv 1505.00996, 2015): the linear coefficients are fitted
+            on guide and source averaged over ``subsample`` x ``subsample`` blocks (radius ``radius / subsample``)
+            and upsampled bilinearly; the output is still made with the full-resolution guide. 1: exact.
     """
     guide = guide.to(source.dtype)
     if guide.shape[1] == 1:
         guide = guide.expand(-1, 3, -1, -1)
     elif guide.shape[1] != 3:
         raise ValueError(f"the guide must have 1 or 3 channels, got {guide.shape[1]}")
+    size = source.shape[-2:]
+    small_guide, small_source = guide, source
+    if subsample > 1:
+        radius = max(1, round(radius / subsample))
+        if size[0] % subsample == 0 and size[1] % subsample == 0:
+            small_guide, small_source = F.avg_pool2d(guide, subsample), F.avg_pool2d(source, subsample)
+        else:
+            small = (max(1, size[0] // subsample), max(1, size[1] // subsample))
+            small_guide = F.interpolate(guide, size=small, mode="area")
+            small_source = F.interpolate(source, size=small, mode="area")
+    a, b = _guided_coefficients(small_guide, small_source, radius, eps)
+    if subsample > 1:
+        a = F.interpolate(a, size=size, mode="bilinear", align_corners=False)
+        b = F.interpolate(b, size=size, mode="bilinear", align_corners=False)
+    return (a * guide).sum(1, keepdim=True) + b
+
+
+def _guided_coefficients(
+    guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The guided filter's window-averaged linear coefficients ``(a (B, 3, H, W), b (B, 1, H, W))`` of a colour
+    guide: the output is ``sum(a * guide) + b``."""
     radius = max(1, min(radius, min(source.shape[-2:]) - 1))
     mean_i, mean_p = box_filter(guide, radius), box_filter(source, radius)
     cov_ip = box_filter(guide * source, radius) - mean_i * mean_p
@@ -96,7 +123,7 @@ def guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: f
         / det
     )
     b = mean_p - (a * mean_i).sum(1, keepdim=True)
-    return (box_filter(a, radius) * guide).sum(1, keepdim=True) + box_filter(b, radius)
+    return box_filter(a, radius), box_filter(b, radius)
 
 
 class AnomalyMapGenerator(nn.Module):
@@ -108,12 +135,17 @@ class AnomalyMapGenerator(nn.Module):
         sigma: Gaussian standard deviation in output pixels (4 as in the MVTec literature); 0 disables smoothing.
         guided_radius: window radius of the guided filter in pixels (one feature cell, 8, in URA-Net); 0 disables it.
         guided_eps: the guided filter's ridge term, for intensities in [0, 1] (see :func:`guided_filter`).
+        guided_subsample: the fast guided filter's block size (4: coefficients fitted at a quarter of the resolution,
+            where the map, upsampled from a stride-8 grid, has all its detail; 1: the exact filter).
     """
 
     kernel: torch.Tensor  # buffer
 
-    def __init__(self, sigma: float = 4.0, guided_radius: int = 0, guided_eps: float = 1e-3) -> None:
+    def __init__(
+        self, sigma: float = 4.0, guided_radius: int = 0, guided_eps: float = 1e-3, guided_subsample: int = 4
+    ) -> None:
         super().__init__()
+        self.guided_subsample = int(guided_subsample)
         self.sigma = sigma
         self.guided_radius = int(guided_radius)
         self.guided_eps = float(guided_eps)
@@ -137,7 +169,9 @@ class AnomalyMapGenerator(nn.Module):
                 )
             if guide.shape[-2:] != up.shape[-2:] or guide.shape[0] != up.shape[0]:
                 raise ValueError(f"guide of shape {tuple(guide.shape)} does not match the map {tuple(up.shape)}")
-            up = guided_filter(guide, up.float(), self.guided_radius, self.guided_eps).to(up.dtype)
+            up = guided_filter(guide, up.float(), self.guided_radius, self.guided_eps, self.guided_subsample).to(
+                up.dtype
+            )
         if self.sigma <= 0:
             return up
         kernel = self.kernel.to(up.dtype)
