@@ -30,7 +30,7 @@ import torch
 
 from ura_monai.data import build_datalist
 from ura_monai.engines.evaluation import compute_thresholds, run_inference
-from ura_monai.engines.features import extract_feature_bank, view_images
+from ura_monai.engines.features import bank_view_images, extract_feature_bank
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.workflow import fit, split_normal_validation
 from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
@@ -81,7 +81,7 @@ def training_view_images(train_items, args, channels):
     """The images behind the rows of ``fit``'s feature bank (the training images minus the held-out split, each
     view), in the bank's order: the guides of the cross-fitted training maps."""
     fit_items, _ = split_normal_validation(train_items, 0.1, args.seed)
-    return view_images(image_loader(fit_items, args.image_size, args.batch_size, 0, channels), args.augment)
+    return bank_view_images(fit_items, args.image_size, args.augment, channels, args.batch_size)
 
 
 def reference_map_generator(args) -> AnomalyMapGenerator:

@@ -27,6 +27,7 @@ __all__ = [
     "FeatureBankDataset",
     "FeatureCacheDataset",
     "augmented_views",
+    "bank_view_images",
     "broadcast_from_rank0_",
     "extract_feature_bank",
     "first_view_rows",
@@ -67,11 +68,28 @@ def first_view_rows(num_images: int, views: int, batch_size: int) -> torch.Tenso
     return (index // batch_size) * batch_size * views + index % batch_size
 
 
-def view_images(batches: Iterable[dict], augment: str = "none") -> Iterator[torch.Tensor]:
-    """The images of every batch and view (B, C, H, W), in the order :func:`extract_feature_bank` stacks their
-    features: the rows of a feature bank and these images correspond one to one."""
+def view_images(
+    batches: Iterable[dict], augment: str = "none", device: torch.device | str = "cpu"
+) -> Iterator[torch.Tensor]:
+    """The images of every batch and view (B, C, H, W) on ``device`` (each batch moved once, its views made there),
+    in the order :func:`extract_feature_bank` stacks their features: the rows of a feature bank and these images
+    correspond one to one."""
     for batch in batches:
-        yield from augmented_views(batch["image"], augment)
+        yield from augmented_views(batch["image"].to(device), augment)
+
+
+def bank_view_images(
+    items: Sequence[dict],
+    image_size: int,
+    augment: str,
+    channels: int | None,
+    batch_size: int,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> Iterator[torch.Tensor]:
+    """The images behind the rows of the feature bank that :class:`FeatureCacheDataset` caches with the same
+    arguments (its loader, its views, in its order), read again: the guides of the bank's pixel maps."""
+    return view_images(image_loader(items, image_size, batch_size, num_workers, channels), augment, device)
 
 
 @torch.no_grad()
@@ -99,9 +117,11 @@ def extract_feature_bank(
     device = torch.device(device)
     extractor = extractor.to(device).eval()
     bank = []
-    for view in view_images(tqdm(batches, desc="backbone features", disable=not progress, leave=False), augment):
+    for view in view_images(
+        tqdm(batches, desc="backbone features", disable=not progress, leave=False), augment, device
+    ):
         with torch.autocast(device.type, enabled=amp and device.type == "cuda"):
-            bank.append(extractor(view.to(device)).float().cpu())
+            bank.append(extractor(view).float().cpu())
     if not bank:
         raise ValueError("no training images to extract features from")
     return torch.cat(bank)

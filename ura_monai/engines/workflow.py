@@ -16,8 +16,12 @@ from monai.utils import set_determinism
 
 from ura_monai.engines.calibration import fusion_weight_from_items
 from ura_monai.engines.evaluation import compute_thresholds
-from ura_monai.engines.features import FeatureBankDataset, FeatureCacheDataset, fit_normal_statistics, view_images
-from ura_monai.engines.loaders import image_loader
+from ura_monai.engines.features import (
+    FeatureBankDataset,
+    FeatureCacheDataset,
+    bank_view_images,
+    fit_normal_statistics,
+)
 from ura_monai.engines.perception import train_perception_from_items
 from ura_monai.engines.schedule import CosineDecay
 from ura_monai.engines.trainer import URANetTrainer
@@ -265,7 +269,7 @@ def _calibrate(
     perception = train_perception_from_items(model, fit_items, bank, image_size, channels, batch_size, seed, progress,
                                              calibrate_residual=fusion_scores is None)  # fmt: skip
     model.train(was_training)
-    training_images = view_images(image_loader(fit_items, image_size, batch_size, num_workers, channels), augment)
+    training_images = bank_view_images(fit_items, image_size, augment, channels, batch_size, num_workers, device)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
                                         device=device, num_workers=num_workers, amp=amp, training_features=bank,
                                         training_images=training_images)  # fmt: skip

@@ -366,8 +366,9 @@ class FastURANet(nn.Module):
             return
         height, width = images.shape[-2:]
         h, w = height // fe.feature_stride, width // fe.feature_stride
-        self._axis_matrix(h, height, images.device)
-        self._axis_matrix(w, width, images.device)
+        if not model.map_generator.needs_guide:  # a guided map is made from the images, not from these matrices
+            self._axis_matrix(h, height, images.device)
+            self._axis_matrix(w, width, images.device)
         ram = model.ram
         if not isinstance(ram, RestorationAttention) or model.anomaly_map_source in NORMAL_MODEL_SOURCES:
             return

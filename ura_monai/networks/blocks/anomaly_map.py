@@ -145,10 +145,10 @@ class AnomalyMapGenerator(nn.Module):
         self, sigma: float = 4.0, guided_radius: int = 0, guided_eps: float = 1e-3, guided_subsample: int = 4
     ) -> None:
         super().__init__()
-        self.guided_subsample = int(guided_subsample)
         self.sigma = sigma
         self.guided_radius = int(guided_radius)
         self.guided_eps = float(guided_eps)
+        self.guided_subsample = int(guided_subsample)
         kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, normalize=True) if sigma > 0 else torch.ones(1)
         self.register_buffer("kernel", kernel.float(), persistent=False)
 
@@ -162,7 +162,7 @@ class AnomalyMapGenerator(nn.Module):
     ) -> torch.Tensor:
         """(B, 1, H, W) map from the grid map (B, 1, h, w); ``guide``: the images (B, 1 or 3, H, W) in [0, 1]."""
         up = F.interpolate(grid_map, size=tuple(image_size), mode="bilinear", align_corners=False)
-        if self.guided_radius > 0:
+        if self.needs_guide:
             if guide is None:
                 raise ValueError(
                     "this anomaly map is guided by the image (guided_radius > 0): pass the images as guide"
