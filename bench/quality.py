@@ -208,6 +208,7 @@ def run_model(
             batch_size=args.batch_size,
             device=args.device,
             training_features=fitted["features"],
+            training_groups=fitted["groups"],
             training_images=training_view_images(train_items, args, checkpoint["extra"].get("channels")),
         )
         figures[f"map_{source}"] = model_metrics(model, test_items, masks, args, threshold["image_threshold"])

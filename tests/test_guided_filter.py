@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from ura_monai.metrics import functional as M
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, box_filter, guided_filter
+from ura_monai.networks.nets import URANet
 
 
 def _grey_guided_filter(guide: torch.Tensor, source: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
@@ -96,3 +97,11 @@ def test_the_fast_filter_is_close_to_the_exact_one_on_a_map_upsampled_from_the_g
     assert not torch.allclose(fast, exact)  # it is an approximation, computed another way
     odd = AnomalyMapGenerator(0.0, 8)(grid, (62, 66), guide=torch.rand(2, 1, 62, 66, generator=generator))
     assert odd.shape == (2, 1, 62, 66) and torch.isfinite(odd).all()
+
+
+def test_the_gaussian_is_the_default_only_without_the_guided_filter():
+    assert AnomalyMapGenerator(None, guided_radius=8).sigma == 0.0
+    assert AnomalyMapGenerator(None, guided_radius=0).sigma == 4.0  # the map of versions before the guided filter
+    assert AnomalyMapGenerator(2.0, guided_radius=8).sigma == 2.0  # an explicit sigma is kept
+    assert URANet(image_size=32, pretrained=False).config["sigma"] == 0.0  # the config stores the number used
+    assert URANet(image_size=32, pretrained=False, guided_radius=0).config["sigma"] == 4.0

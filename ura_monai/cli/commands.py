@@ -178,7 +178,6 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         "perception_members": args.perception_members,
         "anomaly_map_source": args.map_source,
         "guided_radius": args.guided_radius,
-        "sigma": 0.0 if args.guided_radius else 4.0,  # without the guided filter, the Gaussian of the literature
     }
     if args.no_uiapm and args.no_ram:
         raise CLIError("--no-uiapm and --no-ram together leave no anomaly map; keep at least one module")

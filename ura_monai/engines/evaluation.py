@@ -95,13 +95,15 @@ def compute_thresholds(
     amp: bool = False,
     training_features: torch.Tensor | None = None,
     training_images: Iterable[torch.Tensor] | None = None,
+    training_groups: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Image and pixel thresholds from normal data (``normal_postprocessing_stats`` of their scores and maps): the
     held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the
     cached ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each
     block scored by normal models fitted without it), so that the thresholds rest on every normal image instead
     of a handful. A map guided by the image (``guided_radius > 0``) needs those images too: ``training_images``,
-    batches of them in the rows' order (``engines.features.view_images``). ``network`` may be DDP-wrapped; its
+    batches of them in the rows' order (``engines.features.view_images``); ``training_groups``, the image of each
+    row (``engines.features.bank_images``), keeps an image's views in one fold. ``network`` may be DDP-wrapped; its
     train/eval mode is restored."""
     model = cast(URANet, unwrap(network))
     was_training = model.training
@@ -123,7 +125,7 @@ def compute_thresholds(
     grid = (
         None
         if training_features is None
-        else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device))
+        else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device), groups=training_groups)
     )
     if grid is not None:
         for part, guide in _grid_parts_and_guides(model, grid, training_images):

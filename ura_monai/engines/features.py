@@ -27,6 +27,7 @@ __all__ = [
     "FeatureBankDataset",
     "FeatureCacheDataset",
     "augmented_views",
+    "bank_images",
     "bank_view_images",
     "broadcast_from_rank0_",
     "extract_feature_bank",
@@ -59,6 +60,13 @@ def augmented_views(images: torch.Tensor, mode: str = "none") -> list[torch.Tens
         rotated = torch.rot90(images, k, dims=(-2, -1))
         views += [rotated, rotated.flip(-1)]
     return views
+
+
+def bank_images(num_images: int, views: int, batch_size: int) -> torch.Tensor:
+    """Image index (rows,) of each row of a bank from :func:`extract_feature_bank` (which appends, batch after
+    batch, every view of the batch in turn): the ``groups`` that keep an image's views in one cross-fitting fold."""
+    batches = torch.arange(num_images).split(batch_size)
+    return torch.cat([batch.repeat(views) for batch in batches]) if batches else torch.zeros(0, dtype=torch.long)
 
 
 def first_view_rows(num_images: int, views: int, batch_size: int) -> torch.Tensor:
@@ -142,21 +150,25 @@ def broadcast_from_rank0_(tensor: torch.Tensor) -> None:
 
 
 def fit_normal_statistics(
-    network: torch.nn.Module, bank: torch.Tensor, generator: torch.Generator | None = None
+    network: torch.nn.Module,
+    bank: torch.Tensor,
+    generator: torch.Generator | None = None,
+    groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``URANet.fit_normal_statistics`` on a feature cache (level scale and prototypes), then rank 0's fitted
-    values broadcast to every rank, so that all ranks train the same network.
+    """``URANet.fit_normal_statistics`` on a feature cache (level scale, prototypes, position model, cross-fitted
+    calibration), then rank 0's fitted values broadcast to every rank, so that all ranks train the same network.
 
     Args:
         network: the URANet (or a DDP / DataParallel wrapper of it).
         bank: cached normal features (N, C, h, w), on the device the statistics are fitted on.
-        generator: the prototype draw's generator.
+        generator: the prototype draw's and the cross-fitting folds' generator.
+        groups: (N,) image index of each row (:func:`bank_images`), so that an image's views share a fold.
 
     Returns:
         ``bank`` under the fitted level scale (the cache to train on).
     """
     model = cast("URANet", unwrap(network))
-    bank = model.fit_normal_statistics(bank, generator)
+    bank = model.fit_normal_statistics(bank, generator, groups)
     broadcast_from_rank0_(model.feature_extractor.level_scale)
     ram = getattr(model, "ram", None)
     if ram is not None:
@@ -172,10 +184,12 @@ class FeatureBankDataset(torch.utils.data.Dataset):
 
     Attributes:
         bank: float32 tensor (N x views, C, h, w).
+        groups: (N x views,) image index of each row (None: one row per image), for cross-fitting.
     """
 
-    def __init__(self, bank: torch.Tensor) -> None:
+    def __init__(self, bank: torch.Tensor, groups: torch.Tensor | None = None) -> None:
         self.bank = bank
+        self.groups = groups
 
     @property
     def positions(self) -> int:
@@ -239,9 +253,10 @@ class FeatureCacheDataset(FeatureBankDataset):
             raise ValueError("no training images to cache features of")
         model = cast("URANet", unwrap(network))
         loader = image_loader(data, image_size, batch_size, num_workers, channels)
-        super().__init__(extract_feature_bank(model.feature_extractor, loader, device, augment, amp, progress))
+        bank = extract_feature_bank(model.feature_extractor, loader, device, augment, amp, progress)
+        super().__init__(bank, bank_images(len(data), bank.shape[0] // len(data), batch_size))
         if init_prototypes:
-            self.bank = fit_normal_statistics(model, self.bank, torch.Generator().manual_seed(seed))
+            self.bank = fit_normal_statistics(model, self.bank, torch.Generator().manual_seed(seed), self.groups)
         logger.info(
             "cached features of %d images (%d views): %s",
             len(data),

@@ -2,9 +2,9 @@
 
 The perception module's inputs are the standardized distances of each position to the normal memory and to the
 position model. A normal training image is *in* both normal models, so its own distances are too small; the
-signals it trains on are therefore cross-fitted, as a new image would see them: the training images are split into
-blocks, and each block (and every synthetic defect painted into one of its images) is scored by a memory and a
-position model fitted on the other blocks only. FASM's image branch
+signals it trains on are therefore cross-fitted, as a new image would see them: the training images are dealt into
+random folds, and each fold (and every synthetic defect painted into one of its images) is scored by a memory and a
+position model fitted on the other folds only. FASM's image branch
 (:class:`ura_monai.transforms.synthesis.RandSyntheticDefect`) paints the defects; the frozen backbone turns them
 into features once. The module starts as the fused map (zero-initialised residual head) and learns, from the
 clean images (target 0) and the defects (target: the fraction of each grid cell the defect covers), how to
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ura_monai.engines.calibration import calibrate_restoration_residual, synthetic_defect_batch
-from ura_monai.engines.features import first_view_rows
+from ura_monai.engines.features import bank_images, first_view_rows
 from ura_monai.engines.loaders import image_loader
 from ura_monai.losses import gaussian_kl
 from ura_monai.networks.blocks.uiapm import perception_heads
@@ -45,6 +45,7 @@ def perception_training_set(
     batch_size: int = 16,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cross-fitted signals of the clean training features and of synthetic defects painted into the training images.
 
@@ -56,7 +57,8 @@ def perception_training_set(
         variants: synthetic defects per training image.
         batch_size: backbone batch size.
         seed: seed of the synthetic defects.
-        generator: generator of the cross-fitted memories' prototype draws.
+        generator: generator of the cross-fitting folds and of the fold memories' prototype draws.
+        groups: (rows,) image index of each bank row (``engines.features.bank_images``); None: one row per image.
 
     Returns:
         ``(signals (rows + N*variants, 2 or 3, h, w), prior maps (same, 1, h, w), targets (same, 1, h, w))``; the
@@ -70,7 +72,7 @@ def perception_training_set(
     defect_features = torch.cat([extractor(part.to(device)).float() for part in defects.split(batch_size)])
     query_rows = image_rows.repeat(variants)  # synthetic_defect_batch paints every image once per variant, in order
     memory, position, query_memory, query_position = model.cross_fitted_query_distances(
-        bank.to(device), defect_features, query_rows, generator=generator
+        bank.to(device), defect_features, query_rows, generator=generator, groups=groups
     )
     memory, position = torch.cat([memory, query_memory]), torch.cat([position, query_position])
     residual = None
@@ -146,6 +148,7 @@ def train_perception(
     weight_decay: float = 1e-4,
     seed: int = 0,
     progress: bool = False,
+    groups: torch.Tensor | None = None,
 ) -> dict[str, Any]:
     """Train the signal perception module of ``network`` (see the module docstring): each head of its ensemble
     (:class:`~ura_monai.networks.blocks.uiapm.PerceptionEnsemble`) on the same training set with its own batch
@@ -159,7 +162,7 @@ def train_perception(
     if not model.has_signal_perception or model.fasm is None or epochs <= 0:
         return {}
     generator = torch.Generator().manual_seed(seed)
-    data = perception_training_set(model, bank, images, image_rows, variants, batch_size, seed, generator)
+    data = perception_training_set(model, bank, images, image_rows, variants, batch_size, seed, generator, groups)
     module = model.uiapm.requires_grad_(True)  # frozen outside this stage (see URANet)
     heads = perception_heads(module)
     was_training = module.training
@@ -208,4 +211,5 @@ def train_perception_from_items(
         logger.warning("the feature cache does not match the training images; the perception stays untrained")
         return {}
     rows = first_view_rows(len(images), views, batch_size)
-    return train_perception(model, bank, images, rows, seed=seed, progress=progress)
+    groups = bank_images(len(images), views, batch_size)
+    return train_perception(model, bank, images, rows, seed=seed, progress=progress, groups=groups)

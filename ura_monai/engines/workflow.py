@@ -169,7 +169,8 @@ def fit(
 
     Returns:
         dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the ``epochs`` run, the final loss terms,
-        the trained ``model`` and the cached normal ``features`` it was fitted on (under the fitted level scale).
+        the trained ``model``, the cached normal ``features`` it was fitted on (under the fitted level scale) and
+        ``groups``, the image of each of their rows (``engines.features.bank_images``).
     """
     start = time.perf_counter()
     set_determinism(seed)
@@ -190,7 +191,7 @@ def fit(
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
                     tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
-    postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset.bank, image_size, channels,
+    postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset, image_size, channels,
                                                            batch_size, device, num_workers, amp, seed, progress, augment)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment,
              "batch_size": batch_size, "learning_rate": learning_rate, "train_images": len(fit_items),
@@ -198,7 +199,8 @@ def fit(
              "fusion_scores": fusion_scores, "perception_training": perception}
     logger.info("wrote %s", checkpoint := save_checkpoint(output_dir / "model.pt", model, postprocessing, extra))
     return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "epochs": epochs,
-            "train_seconds": round(train_seconds, 2), "losses": losses, "model": model, "features": dataset.bank}
+            "train_seconds": round(train_seconds, 2), "losses": losses, "model": model, "features": dataset.bank,
+            "groups": dataset.groups}
     # fmt: on
 
 
@@ -231,7 +233,7 @@ def _normal_feature_cache(
     scale, prototypes, position model, calibration) fitted on them; the cache holds them under the level scale."""
     dataset = FeatureCacheDataset(model, fit_items, image_size, augment, channels, batch_size, device, num_workers,
                                   amp, init_prototypes=False, progress=progress)  # fmt: skip
-    dataset.bank = fit_normal_statistics(model, dataset.bank.to(device), generator).cpu()
+    dataset.bank = fit_normal_statistics(model, dataset.bank.to(device), generator, dataset.groups).cpu()
     return dataset
 
 
@@ -239,7 +241,7 @@ def _calibrate(
     model: URANet,
     fit_items: Sequence[dict],
     val_items: Sequence[dict],
-    bank: torch.Tensor,
+    dataset: FeatureBankDataset,
     image_size: int,
     channels: int,
     batch_size: int,
@@ -258,7 +260,7 @@ def _calibrate(
     signals; ``engines/perception.py``). The thresholds come from normal data, with the uncertainty passes off
     (they do not change the map); a map guided by the image reads the training images again, view by view in the
     bank's order (``augment``)."""
-    fusion_scores = None
+    fusion_scores, bank = None, dataset.bank
     was_training = model.training
     model.eval()
     fused_prior = model.anomaly_map_source == "fused" or model.uses_signal_map
@@ -272,7 +274,7 @@ def _calibrate(
     training_images = bank_view_images(fit_items, image_size, augment, channels, batch_size, num_workers, device)
     postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
                                         device=device, num_workers=num_workers, amp=amp, training_features=bank,
-                                        training_images=training_images)  # fmt: skip
+                                        training_images=training_images, training_groups=dataset.groups)  # fmt: skip
     return (
         postprocessing,
         None if fusion_scores is None else {k: round(v, 4) for k, v in fusion_scores.items()},

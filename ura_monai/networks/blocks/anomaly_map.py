@@ -132,7 +132,8 @@ class AnomalyMapGenerator(nn.Module):
     Both run on the device; borders are reflected, not zero-padded, so anomalies at the image edge keep their strength.
 
     Args:
-        sigma: Gaussian standard deviation in output pixels (4 as in the MVTec literature); 0 disables smoothing.
+        sigma: Gaussian standard deviation in output pixels (4 as in the MVTec literature); 0 disables smoothing;
+            None: 4 without the guided filter, 0 with it (the filter smooths where the image is flat).
         guided_radius: window radius of the guided filter in pixels (one feature cell, 8, in URA-Net); 0 disables it.
         guided_eps: the guided filter's ridge term, for intensities in [0, 1] (see :func:`guided_filter`).
         guided_subsample: the fast guided filter's block size (4: coefficients fitted at a quarter of the resolution,
@@ -142,14 +143,20 @@ class AnomalyMapGenerator(nn.Module):
     kernel: torch.Tensor  # buffer
 
     def __init__(
-        self, sigma: float = 4.0, guided_radius: int = 0, guided_eps: float = 1e-3, guided_subsample: int = 4
+        self,
+        sigma: float | None = 4.0,
+        guided_radius: int = 0,
+        guided_eps: float = 1e-3,
+        guided_subsample: int = 4,
     ) -> None:
         super().__init__()
-        self.sigma = sigma
+        self.sigma = float((4.0 if guided_radius <= 0 else 0.0) if sigma is None else sigma)
         self.guided_radius = int(guided_radius)
         self.guided_eps = float(guided_eps)
         self.guided_subsample = int(guided_subsample)
-        kernel = gaussian_1d(torch.tensor(float(sigma)), truncated=4.0, normalize=True) if sigma > 0 else torch.ones(1)
+        kernel = (
+            gaussian_1d(torch.tensor(self.sigma), truncated=4.0, normalize=True) if self.sigma > 0 else torch.ones(1)
+        )
         self.register_buffer("kernel", kernel.float(), persistent=False)
 
     @property

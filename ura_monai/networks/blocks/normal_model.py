@@ -18,7 +18,7 @@ from torch import nn
 
 from ura_monai.networks.blocks.ram import draw_normal_tokens, nearest_distance
 
-__all__ = ["PositionalGaussian", "cross_fitted_normal_distances"]
+__all__ = ["PositionalGaussian", "cross_fitted_normal_distances", "random_folds"]
 
 
 class PositionalGaussian(nn.Module):
@@ -107,39 +107,64 @@ def cross_fitted_normal_distances(
     folds: int = 4,
     generator: torch.Generator | None = None,
     coreset: bool = True,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distances a *new* normal image gets, from normal training ``features`` (N, C, h, w) alone.
 
-    The rows are split into ``folds`` contiguous blocks (the cached views of one image stay together); each block is
-    scored by a memory (``memory_size`` positions of the other blocks, chosen as the model's memory is: a coreset or
-    at random, :func:`~ura_monai.networks.blocks.ram.draw_normal_tokens`; none when 0) and by a copy of
-    ``position_model`` fitted on the other blocks (none when None). ``queries`` (M, C, h, w) made from normal images
-    (e.g. synthetic defects painted into them) are scored by the fold models that did not see their image, row
-    ``query_rows[j]`` of ``features``.
+    The images are dealt into ``folds`` folds at random (a permutation drawn from ``generator``); the rows of one
+    image (``groups``: its cached views) stay in one fold. Each fold is scored by a memory (``memory_size``
+    positions of the other folds, chosen as the model's memory is: a coreset or at random,
+    :func:`~ura_monai.networks.blocks.ram.draw_normal_tokens`; none when 0) and by a copy of ``position_model``
+    fitted on the other folds (none when None). ``queries`` (M, C, h, w) made from normal images (e.g. synthetic
+    defects painted into them) are scored by the fold models that did not see their image, row ``query_rows[j]``
+    of ``features``. Random folds, not blocks of the sorted names: names often follow capture sessions, and a
+    block then holds out whole sessions, whose distances run higher than those of new images of the same process.
+
+    Args:
+        groups: (N,) image index of each row (rows of one image share it); None: every row is its own image.
 
     Returns:
         ``(memory, position, query memory, query position)``, each (rows, 1, h, w); a missing part is zeros, the query
         parts are empty without queries.
     """
     n = features.shape[0]
-    folds = max(2, min(folds, n))
-    bounds = torch.linspace(0, n, folds + 1).round().long().tolist()
+    fold_of_row = random_folds(n, folds, generator, groups).to(features.device)
     memory, position = torch.zeros_like(features[:, :1]), torch.zeros_like(features[:, :1])
     if queries is None or query_rows is None:
         queries, query_rows = features[:0], torch.zeros(0, dtype=torch.long)
     query_memory, query_position = torch.zeros_like(queries[:, :1]), torch.zeros_like(queries[:, :1])
+    query_folds = fold_of_row[query_rows.to(fold_of_row.device)].to(queries.device)
     held_out_model = None if position_model is None else copy.deepcopy(position_model)
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        others = torch.cat([features[:lo], features[hi:]])
-        picked = ((query_rows >= lo) & (query_rows < hi)).to(queries.device)
+    for fold in range(int(fold_of_row.max()) + 1):
+        inside = fold_of_row == fold
+        others = features[~inside]
+        picked = query_folds == fold
         if memory_size > 0:
             bank = draw_normal_tokens(others, memory_size, generator, coreset)
-            memory[lo:hi] = nearest_distance(features[lo:hi], bank)
+            memory[inside] = nearest_distance(features[inside], bank)
             if picked.any():
                 query_memory[picked] = nearest_distance(queries[picked], bank)
         if held_out_model is not None:
             held_out_model.fit(others)
-            position[lo:hi] = held_out_model(features[lo:hi])
+            position[inside] = held_out_model(features[inside])
             if picked.any():
                 query_position[picked] = held_out_model(queries[picked])
     return memory, position, query_memory, query_position
+
+
+def random_folds(
+    rows: int, folds: int, generator: torch.Generator | None = None, groups: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Fold index (rows,) of each row: the images (``groups``, see :func:`cross_fitted_normal_distances`) in a
+    random order drawn from ``generator``, dealt into ``min(folds, images)`` folds (at least 2) of equal size to
+    within one image."""
+    groups = torch.arange(rows) if groups is None else groups.detach().cpu().long()
+    if groups.shape != (rows,):
+        raise ValueError(f"groups must give one image index per row ({rows}), got shape {tuple(groups.shape)}")
+    images, image_of_row = torch.unique(groups, return_inverse=True)
+    count = len(images)
+    folds = max(2, min(folds, count))
+    order = torch.randperm(count, generator=generator)
+    fold_of_image = torch.empty(count, dtype=torch.long)
+    fold_of_image[order] = torch.arange(count) * folds // count
+    return fold_of_image[image_of_row]

@@ -13,9 +13,8 @@ from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_r
 from ura_monai.networks.blocks.fasm import CORRUPTIONS, MASK_TYPES, FeatureAnomalySynthesis
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.blocks.normal_model import PositionalGaussian, cross_fitted_normal_distances
-from ura_monai.networks.blocks.ram import RestorationAttention
 from ura_monai.networks.blocks.restoration import RestorationTransformer
-from ura_monai.networks.blocks.uiapm import PerceptionEnsemble, PerceptionOutput, UncertaintyAnomalyPerception
+from ura_monai.networks.blocks.uiapm import PerceptionOutput
 from ura_monai.networks.nets.ura_net_options import (
     NORMAL_MODEL_SOURCES,
     RAM_NETWORKS,
@@ -23,6 +22,8 @@ from ura_monai.networks.nets.ura_net_options import (
     SCORE_MAPS,
     checked_choice,
     checked_map_source,
+    perception_module,
+    restoration_module,
 )
 
 LEVEL_SCALE_KEY = "feature_extractor.level_scale"
@@ -33,41 +34,6 @@ __all__ = ["URANet"]
 
 # a fused prior z-score of 3 masks a position half for the restoration transformer (as the perception's logit starts)
 RESTORATION_MASK_OFFSET = 3.0
-
-
-def _perception_module(
-    config: Mapping[str, Any], channels: int, signals: int
-) -> UncertaintyAnomalyPerception | PerceptionEnsemble:
-    """UIAPM on the ``signals`` discrepancy signals (a residual head over their fused map; an ensemble of
-    ``perception_members`` such heads) or on the features."""
-    hidden, latent, samples = config["perception_hidden"], config["latent_channels"], config["num_samples"]
-    if config["perception_input"] != "signals":
-        return UncertaintyAnomalyPerception(channels, hidden, latent, samples)
-    members = [
-        UncertaintyAnomalyPerception(signals, hidden, latent, samples, normalize_input=False, residual_head=True)
-        for _ in range(config["perception_members"])
-    ]
-    # trained in its own stage on cross-fitted signals (engines/perception.py), not by the main loop, whose
-    # optimizer and DistributedDataParallel wrapper therefore leave it out
-    module = members[0] if len(members) == 1 else PerceptionEnsemble(members, samples)
-    return module.requires_grad_(False)
-
-
-def _restoration_module(
-    config: Mapping[str, Any], channels: int, grid: tuple[int, int]
-) -> RestorationAttention | RestorationTransformer | None:
-    """The RAM a URANet ``config`` asks for: the restoration transformer, the restoration attention, or None."""
-    if not config["use_ram"]:
-        return None
-    if config["ram_network"] == "transformer":
-        return RestorationTransformer(
-            channels, grid, config["num_prototypes"], config["embed_dim"], config["ram_depth"], config["num_heads"],
-            config["ram_patch_size"], config["num_normal_tokens"], mask_ratio=config["ram_mask_ratio"],
-        )  # fmt: skip
-    return RestorationAttention(
-        channels, config["num_prototypes"], config["embed_dim"], config["num_heads"], config["exclude_radius"],
-        config["distance_attention"],
-    )  # fmt: skip
 
 
 class URANet(nn.Module):
@@ -147,7 +113,8 @@ class URANet(nn.Module):
         guided_radius: radius in pixels of the guided filter (He et al., ECCV 2010) that refines the upsampled map with
             the input image as guide, so that its edges follow the image's (8: one feature cell); 0: off (before 0.8.0).
         guided_eps: its ridge term, intensities in [0, 1] (edges of contrast well above its square root shape the map).
-        sigma: Gaussian smoothing of the map in pixels, after the guided filter (0 with it; 4 without, as before 0.8.0).
+        sigma: Gaussian smoothing of the map in pixels, after the guided filter; None (default): 0 with the filter, 4
+            without it (the map of versions before 0.8.0). The config stores the number used.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of the map's values averaged by ``topk_mean``.
         score_map: which map the image score reads: ``"grid"`` (default: the map on the feature grid, before upsampling
@@ -198,7 +165,7 @@ class URANet(nn.Module):
         anomaly_map_source: str = "perception",
         guided_radius: int = 8,
         guided_eps: float = 1e-3,
-        sigma: float = 0.0,
+        sigma: float | None = None,
         score_mode: str = "max",
         top_k: float = 0.01,
         score_map: str = "grid",
@@ -229,13 +196,14 @@ class URANet(nn.Module):
         self.fasm = FeatureAnomalySynthesis(*fasm_options, fasm_probability) if use_fasm else None
         grid = (image_size // feature_stride, image_size // feature_stride)
         signals = 3 if use_ram and ram_network == "transformer" else 2  # the transformer's residual is the third
-        self.uiapm = _perception_module(self.config, channels, signals) if use_uiapm else None
-        self.ram = _restoration_module(self.config, channels, grid)
+        self.uiapm = perception_module(self.config, channels, signals) if use_uiapm else None
+        self.ram = restoration_module(self.config, channels, grid)
         if self.ram is not None and memory_coreset:  # a coreset memory stays the normal features it was drawn from
             self.ram.prototypes.requires_grad_(False)
         self.position_model = PositionalGaussian(channels, grid, position_dim) if position_model else None
         self._register_calibration_buffers(fusion_weight)
         self.map_generator = AnomalyMapGenerator(sigma, guided_radius, guided_eps)
+        self.config["sigma"] = self.map_generator.sigma
 
     def _register_calibration_buffers(self, fusion_weight: float | None) -> None:
         """The statistics that fit sets and checkpoints keep, at their neutral starts."""
@@ -522,17 +490,19 @@ class URANet(nn.Module):
         return missing, list(unexpected)
 
     @torch.no_grad()
-    def fit_normal_statistics(self, features: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def fit_normal_statistics(
+        self, features: torch.Tensor, generator: torch.Generator | None = None, groups: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Fit what the model takes from normal training features before training: the level scale (when
-        ``equalize_levels``) and the RAM's prototypes. Returns ``features`` under the fitted scale (the cache
-        to train on)."""
+        ``equalize_levels``), the RAM's prototypes, the position model and the cross-fitted calibration (``groups``:
+        see :meth:`cross_fitted_distances`). Returns ``features`` under the fitted scale (the cache to train on)."""
         if self.equalize_levels:
             features = self.feature_extractor.fit_level_scale(features)
         self.init_prototypes(features, generator)
         if self.position_model is not None:
             self.position_model.fit(features)
         if (self.position_model is not None and self.ram is not None) or self.has_signal_perception:
-            memory, position = self.cross_fitted_distances(features, generator=generator)
+            memory, position = self.cross_fitted_distances(features, generator=generator, groups=groups)
             self.map_calibration.copy_(
                 torch.stack([memory.mean(), memory.std(), position.mean(), position.std()])
                 .clamp_min(1e-6)
@@ -542,36 +512,40 @@ class URANet(nn.Module):
 
     @torch.no_grad()
     def cross_fitted_grid_maps(
-        self, features: torch.Tensor, generator: torch.Generator | None = None
+        self, features: torch.Tensor, generator: torch.Generator | None = None, groups: torch.Tensor | None = None
     ) -> torch.Tensor | None:
         """The model's normal-model map (``memory``, ``position`` or ``fused``) of normal training ``features``,
         cross-fitted (see :meth:`cross_fitted_distances`): scores a new normal image would get, for thresholds.
         The signal perception's map is the perception of cross-fitted signals. None for other map sources or
         without the position model."""
         source = self.anomaly_map_source
+        if not self.uses_signal_map and (
+            source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None
+        ):
+            return None
+        memory, position = self.cross_fitted_distances(features, generator=generator, groups=groups)
         if self.uses_signal_map:
-            memory, position = self.cross_fitted_distances(features, generator=generator)
             residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
             return self.perceive_distances(memory, position, 0, residual)[0]
-        if source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None:
-            return None
-        memory, position = self.cross_fitted_distances(features, generator=generator)
-        if self.anomaly_map_source == "memory":
+        if source == "memory":
             return memory
-        if self.anomaly_map_source == "position":
+        if source == "position":
             return position
         return self.fuse(*self.standardize(memory, position))
 
     @torch.no_grad()
     def cross_fitted_distances(
-        self, features: torch.Tensor, folds: int = 4, generator: torch.Generator | None = None
+        self,
+        features: torch.Tensor,
+        folds: int = 4,
+        generator: torch.Generator | None = None,
+        groups: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Memory and position distances (each (N, 1, h, w)) of normal ``features`` (N, C, h, w), every block of
-        ``1/folds`` of them scored by a memory (random prototypes of the same count) and a position model fitted
-        on the other blocks only: the distances a new normal image gets, which calibrate the ``fused`` map and
-        the decision thresholds. Blocks are contiguous, so the cached views of one image stay together. A part
-        the model lacks (RAM or position model) gives zeros."""
-        return self.cross_fitted_query_distances(features, None, None, folds, generator)[:2]
+        """Memory and position distances (each (N, 1, h, w)) a new normal image gets, of normal ``features`` (N, C,
+        h, w) dealt into ``folds`` random folds, each scored by normal models fitted on the others
+        (:func:`~ura_monai.networks.blocks.normal_model.cross_fitted_normal_distances`; ``groups`` (N,): the image
+        of each row, None: one row per image). They calibrate the fused map and the thresholds."""
+        return self.cross_fitted_query_distances(features, None, None, folds, generator, groups)[:2]
 
     @torch.no_grad()
     def cross_fitted_query_distances(
@@ -581,17 +555,18 @@ class URANet(nn.Module):
         query_rows: torch.Tensor | None,
         folds: int = 4,
         generator: torch.Generator | None = None,
+        groups: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`cross_fitted_distances` of ``features``, plus those of ``queries`` (M, C, h, w) made from normal
-        images (e.g. synthetic defects painted into them): query ``j`` is scored by the fold models that did not see
-        row ``query_rows[j]`` of ``features`` (its image). Returns ``(memory, position, query memory, query
-        position)``; the query parts are empty without queries."""
+        images (e.g. synthetic defects): query ``j`` is scored by the fold models that did not see row
+        ``query_rows[j]`` (its image). Returns ``(memory, position, query memory, query position)``."""
         if self.ram is None and self.position_model is None:
             raise ValueError("cross-fitted distances need the RAM's memory or the position model")
         memory_size = 0 if self.ram is None else self.ram.prototypes.shape[0]
         return cross_fitted_normal_distances(
-            features, queries, query_rows, memory_size, self.position_model, folds, generator, self.memory_coreset
-        )
+            features, queries, query_rows, memory_size, self.position_model, folds, generator, self.memory_coreset,
+            groups,
+        )  # fmt: skip
 
     @torch.no_grad()
     def init_prototypes(self, features: torch.Tensor, generator: torch.Generator | None = None) -> None:

@@ -1,14 +1,19 @@
-"""URANet's option vocabularies and the checks of its switch combinations (kept beside the network they configure)."""
+"""URANet's option vocabularies, the checks of its switch combinations and the blocks its options build (kept beside
+the network they configure)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+from ura_monai.networks.blocks.ram import RestorationAttention
+from ura_monai.networks.blocks.restoration import RestorationTransformer
+from ura_monai.networks.blocks.uiapm import PerceptionEnsemble, UncertaintyAnomalyPerception
 from ura_monai.utils.enums import MapSource, PerceptionInput, RamNetwork, Residual, ScoreMap
 
 __all__ = [
     "MAP_SOURCES", "NORMAL_MODEL_SOURCES", "RESIDUALS", "PERCEPTION_INPUTS", "RAM_NETWORKS", "SCORE_MAPS",
-    "checked_choice", "checked_map_source",
+    "checked_choice", "checked_map_source", "perception_module", "restoration_module",
 ]  # fmt: skip
 
 MAP_SOURCES = MapSource.choices()
@@ -50,3 +55,38 @@ def checked_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got '{value}'")
     return value
+
+
+def perception_module(
+    config: Mapping[str, Any], channels: int, signals: int
+) -> UncertaintyAnomalyPerception | PerceptionEnsemble:
+    """UIAPM on the ``signals`` discrepancy signals (a residual head over their fused map; an ensemble of
+    ``perception_members`` such heads) or on the features."""
+    hidden, latent, samples = config["perception_hidden"], config["latent_channels"], config["num_samples"]
+    if config["perception_input"] != "signals":
+        return UncertaintyAnomalyPerception(channels, hidden, latent, samples)
+    members = [
+        UncertaintyAnomalyPerception(signals, hidden, latent, samples, normalize_input=False, residual_head=True)
+        for _ in range(config["perception_members"])
+    ]
+    # trained in its own stage on cross-fitted signals (engines/perception.py), not by the main loop, whose
+    # optimizer and DistributedDataParallel wrapper therefore leave it out
+    module = members[0] if len(members) == 1 else PerceptionEnsemble(members, samples)
+    return module.requires_grad_(False)
+
+
+def restoration_module(
+    config: Mapping[str, Any], channels: int, grid: tuple[int, int]
+) -> RestorationAttention | RestorationTransformer | None:
+    """The RAM a URANet ``config`` asks for: the restoration transformer, the restoration attention, or None."""
+    if not config["use_ram"]:
+        return None
+    if config["ram_network"] == "transformer":
+        return RestorationTransformer(
+            channels, grid, config["num_prototypes"], config["embed_dim"], config["ram_depth"], config["num_heads"],
+            config["ram_patch_size"], config["num_normal_tokens"], mask_ratio=config["ram_mask_ratio"],
+        )  # fmt: skip
+    return RestorationAttention(
+        channels, config["num_prototypes"], config["embed_dim"], config["num_heads"], config["exclude_radius"],
+        config["distance_attention"],
+    )  # fmt: skip
