@@ -169,8 +169,7 @@ def fit(
 
     Returns:
         dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the ``epochs`` run, the final loss terms,
-        the trained ``model``, the cached normal ``features`` it was fitted on (under the fitted level scale) and
-        ``groups``, the image of each of their rows (``engines.features.bank_images``).
+        the trained ``model``, the cached normal ``features`` (under the fitted level scale) and their rows' images ``groups``.
     """
     start = time.perf_counter()
     set_determinism(seed)
