@@ -11,7 +11,7 @@ import torch
 
 from ura_monai.cli import main
 from ura_monai.engines.features import bank_images
-from ura_monai.networks.blocks.normal_model import PositionalGaussian, cross_fitted_normal_distances, random_folds
+from ura_monai.networks.blocks.normal_model import PositionalGaussian, cross_fitted_normal_distances, image_folds
 from ura_monai.networks.checkpoint import read_checkpoint
 from ura_monai.networks.nets import URANet
 
@@ -136,34 +136,27 @@ def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
     assert torch.allclose(grid, expected, atol=1e-5)
 
 
-def test_cross_fitting_deals_images_into_random_folds_that_keep_their_views_together():
+def test_cross_fitting_blocks_keep_every_view_of_an_image_together():
     # 12 images of 2 identical "views" each, laid out as extract_feature_bank stacks them (batch of 4, then views)
     groups = bank_images(12, 2, 4)
     assert groups[:8].tolist() == [0, 1, 2, 3, 0, 1, 2, 3] and groups[-4:].tolist() == [8, 9, 10, 11]
-    folds = random_folds(len(groups), 4, torch.Generator().manual_seed(0), groups)
-    for image in range(12):
-        assert folds[groups == image].unique().numel() == 1  # an image's views share a fold
-    assert torch.bincount(folds).tolist() == [6, 6, 6, 6]  # 3 images (6 rows) per fold
-    # random, not blocks of neighbouring names: the first 3 images are not all in one fold, and the seed decides
-    assert folds[:3].unique().numel() > 1 or folds[4:7].unique().numel() > 1
-    assert torch.equal(folds, random_folds(len(groups), 4, torch.Generator().manual_seed(0), groups))
-    assert not torch.equal(folds, random_folds(len(groups), 4, torch.Generator().manual_seed(1), groups))
+    folds = image_folds(len(groups), 4, groups)
+    # contiguous blocks of images in their order (3 each), whatever the rows' layout
+    assert [int(folds[groups == image].unique()) for image in range(12)] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    # one row per image: the blocks of rows the cross-fitting has always used (25 rows: 6 / 6 / 7 / 6)
+    assert torch.bincount(image_folds(25, 4)).tolist() == [6, 6, 7, 6]
     with pytest.raises(ValueError, match="one image index per row"):
-        random_folds(5, 2, groups=torch.arange(4))
-    # a row is scored by a memory (here all positions of the other folds) that never saw its image: with its view's
-    # identical twin in another fold, a row's cross-fitted distance would be 0; grouped, none is
+        image_folds(5, 2, groups=torch.arange(4))
+    # a row is scored by a memory (here all positions of the other blocks) that never saw its image: split by rows
+    # (no groups), some views land in another block than their identical twin and get distance 0; grouped, none does
     base = torch.rand(12, 16, 4, 4, generator=torch.Generator().manual_seed(3))
     features = torch.cat([torch.cat([base[b : b + 4]] * 2) for b in range(0, 12, 4)])
     assert torch.equal(features[groups == 5][0], features[groups == 5][1])
-    grouped = cross_fitted_normal_distances(
-        features, None, None, 4096, None, 4, torch.Generator().manual_seed(0), False, groups
-    )[0]
-    ungrouped = cross_fitted_normal_distances(
-        features, None, None, 4096, None, 4, torch.Generator().manual_seed(0), False
-    )[0]
+    grouped = cross_fitted_normal_distances(features, None, None, 4096, None, 4, None, False, groups)[0]
+    by_rows = cross_fitted_normal_distances(features, None, None, 4096, None, 4, None, False)[0]
     per_row = lambda d: d.flatten(1).amax(1)  # noqa: E731
     assert (per_row(grouped) > 0.05).all()
-    assert (per_row(ungrouped) < 1e-2).any()  # 0 up to the rounding of |x|^2 + |m|^2 - 2 x.m
+    assert (per_row(by_rows) < 1e-2).any()  # 0 up to the rounding of |x|^2 + |m|^2 - 2 x.m
 
 
 def test_map_source_names_and_switches():

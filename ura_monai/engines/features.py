@@ -64,7 +64,7 @@ def augmented_views(images: torch.Tensor, mode: str = "none") -> list[torch.Tens
 
 def bank_images(num_images: int, views: int, batch_size: int) -> torch.Tensor:
     """Image index (rows,) of each row of a bank from :func:`extract_feature_bank` (which appends, batch after
-    batch, every view of the batch in turn): the ``groups`` that keep an image's views in one cross-fitting fold."""
+    batch, every view of the batch in turn): the ``groups`` that keep an image's views in one cross-fitting block."""
     batches = torch.arange(num_images).split(batch_size)
     return torch.cat([batch.repeat(views) for batch in batches]) if batches else torch.zeros(0, dtype=torch.long)
 
@@ -161,7 +161,7 @@ def fit_normal_statistics(
     Args:
         network: the URANet (or a DDP / DataParallel wrapper of it).
         bank: cached normal features (N, C, h, w), on the device the statistics are fitted on.
-        generator: the prototype draw's and the cross-fitting folds' generator.
+        generator: the prototype draw's generator.
         groups: (N,) image index of each row (:func:`bank_images`), so that an image's views share a fold.
 
     Returns:

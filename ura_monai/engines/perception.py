@@ -2,9 +2,9 @@
 
 The perception module's inputs are the standardized distances of each position to the normal memory and to the
 position model. A normal training image is *in* both normal models, so its own distances are too small; the
-signals it trains on are therefore cross-fitted, as a new image would see them: the training images are dealt into
-random folds, and each fold (and every synthetic defect painted into one of its images) is scored by a memory and a
-position model fitted on the other folds only. FASM's image branch
+signals it trains on are therefore cross-fitted, as a new image would see them: the training images are split into
+blocks, and each block (and every synthetic defect painted into one of its images) is scored by a memory and a
+position model fitted on the other blocks only. FASM's image branch
 (:class:`ura_monai.transforms.synthesis.RandSyntheticDefect`) paints the defects; the frozen backbone turns them
 into features once. The module starts as the fused map (zero-initialised residual head) and learns, from the
 clean images (target 0) and the defects (target: the fraction of each grid cell the defect covers), how to
@@ -57,7 +57,7 @@ def perception_training_set(
         variants: synthetic defects per training image.
         batch_size: backbone batch size.
         seed: seed of the synthetic defects.
-        generator: generator of the cross-fitting folds and of the fold memories' prototype draws.
+        generator: generator of the cross-fitted memories' prototype draws.
         groups: (rows,) image index of each bank row (``engines.features.bank_images``); None: one row per image.
 
     Returns:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ura_monai.networks.blocks.ram import draw_normal_tokens, nearest_distance
 
-__all__ = ["PositionalGaussian", "cross_fitted_normal_distances", "random_folds"]
+__all__ = ["PositionalGaussian", "cross_fitted_normal_distances", "image_folds"]
 
 
 class PositionalGaussian(nn.Module):
@@ -111,24 +111,26 @@ def cross_fitted_normal_distances(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Distances a *new* normal image gets, from normal training ``features`` (N, C, h, w) alone.
 
-    The images are dealt into ``folds`` folds at random (a permutation drawn from ``generator``); the rows of one
-    image (``groups``: its cached views) stay in one fold. Each fold is scored by a memory (``memory_size``
-    positions of the other folds, chosen as the model's memory is: a coreset or at random,
+    The images, in their order (a datalist's sorted names), are split into ``folds`` contiguous blocks; the rows of
+    one image (``groups``: its cached views) stay in its block. Each block is scored by a memory (``memory_size``
+    positions of the other blocks, chosen as the model's memory is: a coreset or at random,
     :func:`~ura_monai.networks.blocks.ram.draw_normal_tokens`; none when 0) and by a copy of ``position_model``
-    fitted on the other folds (none when None). ``queries`` (M, C, h, w) made from normal images (e.g. synthetic
+    fitted on the other blocks (none when None). ``queries`` (M, C, h, w) made from normal images (e.g. synthetic
     defects painted into them) are scored by the fold models that did not see their image, row ``query_rows[j]``
-    of ``features``. Random folds, not blocks of the sorted names: names often follow capture sessions, and a
-    block then holds out whole sessions, whose distances run higher than those of new images of the same process.
+    of ``features``. Blocks of neighbouring names, not random folds: names often follow capture sessions, so a block
+    holds out whole sessions, and the perception trained on such pessimistic normal signals scored images better
+    than with random folds (docs/design.md, Normal models).
 
     Args:
-        groups: (N,) image index of each row (rows of one image share it); None: every row is its own image.
+        groups: (N,) image index of each row (rows of one image share it; images numbered in their order); None:
+            every row is its own image.
 
     Returns:
         ``(memory, position, query memory, query position)``, each (rows, 1, h, w); a missing part is zeros, the query
         parts are empty without queries.
     """
     n = features.shape[0]
-    fold_of_row = random_folds(n, folds, generator, groups).to(features.device)
+    fold_of_row = image_folds(n, folds, groups).to(features.device)
     memory, position = torch.zeros_like(features[:, :1]), torch.zeros_like(features[:, :1])
     if queries is None or query_rows is None:
         queries, query_rows = features[:0], torch.zeros(0, dtype=torch.long)
@@ -152,19 +154,15 @@ def cross_fitted_normal_distances(
     return memory, position, query_memory, query_position
 
 
-def random_folds(
-    rows: int, folds: int, generator: torch.Generator | None = None, groups: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Fold index (rows,) of each row: the images (``groups``, see :func:`cross_fitted_normal_distances`) in a
-    random order drawn from ``generator``, dealt into ``min(folds, images)`` folds (at least 2) of equal size to
-    within one image."""
+def image_folds(rows: int, folds: int, groups: torch.Tensor | None = None) -> torch.Tensor:
+    """Fold index (rows,) of each row: the images (``groups``, see :func:`cross_fitted_normal_distances`) in their
+    order, split into ``min(folds, images)`` contiguous blocks (at least 2) of equal size to within one image."""
     groups = torch.arange(rows) if groups is None else groups.detach().cpu().long()
     if groups.shape != (rows,):
         raise ValueError(f"groups must give one image index per row ({rows}), got shape {tuple(groups.shape)}")
-    images, image_of_row = torch.unique(groups, return_inverse=True)
+    images, image_of_row = torch.unique(groups, return_inverse=True)  # sorted: the images' own order
     count = len(images)
     folds = max(2, min(folds, count))
-    order = torch.randperm(count, generator=generator)
-    fold_of_image = torch.empty(count, dtype=torch.long)
-    fold_of_image[order] = torch.arange(count) * folds // count
+    bounds = torch.linspace(0, count, folds + 1).round().long()
+    fold_of_image = torch.bucketize(torch.arange(count), bounds[1:-1], right=True)
     return fold_of_image[image_of_row]

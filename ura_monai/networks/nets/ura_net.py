@@ -542,7 +542,7 @@ class URANet(nn.Module):
         groups: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Memory and position distances (each (N, 1, h, w)) a new normal image gets, of normal ``features`` (N, C,
-        h, w) dealt into ``folds`` random folds, each scored by normal models fitted on the others
+        h, w) split into ``folds`` blocks of images, each scored by normal models fitted on the others
         (:func:`~ura_monai.networks.blocks.normal_model.cross_fitted_normal_distances`; ``groups`` (N,): the image
         of each row, None: one row per image). They calibrate the fused map and the thresholds."""
         return self.cross_fitted_query_distances(features, None, None, folds, generator, groups)[:2]
