@@ -98,12 +98,12 @@ def compute_thresholds(
     training_groups: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Image and pixel thresholds from normal data (``normal_postprocessing_stats`` of their scores and maps): the
-    held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the
-    cached ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each
-    block of images scored by normal models fitted without it), so that the thresholds rest on every normal image instead
-    of a handful. A map guided by the image (``guided_radius > 0``) needs those images too: ``training_images``,
-    batches of them in the rows' order (``engines.features.view_images``); ``training_groups``, the image of each
-    row (``engines.features.bank_images``), keeps an image's views in one fold. ``network`` may be DDP-wrapped; its
+    held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the cached
+    ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each block of images
+    scored by normal models fitted without it), so that the thresholds rest on every normal image instead of a handful.
+    A map guided by the image (``guided_radius > 0``) needs those images too: ``training_images``, batches of them in
+    the rows' order (``engines.features.view_images``); ``training_groups``, the image of each row
+    (``engines.features.bank_images``), keeps an image's views in one block. ``network`` may be DDP-wrapped; its
     train/eval mode is restored."""
     model = cast(URANet, unwrap(network))
     was_training = model.training

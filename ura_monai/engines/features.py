@@ -162,7 +162,7 @@ def fit_normal_statistics(
         network: the URANet (or a DDP / DataParallel wrapper of it).
         bank: cached normal features (N, C, h, w), on the device the statistics are fitted on.
         generator: the prototype draw's generator.
-        groups: (N,) image index of each row (:func:`bank_images`), so that an image's views share a fold.
+        groups: (N,) image index of each row (:func:`bank_images`), so that an image's views share a block.
 
     Returns:
         ``bank`` under the fitted level scale (the cache to train on).

@@ -168,8 +168,8 @@ def fit(
         loss_kwargs: ``URANetLoss`` weights.
 
     Returns:
-        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the ``epochs`` run, the final loss terms,
-        the trained ``model``, the cached normal ``features`` (under the fitted level scale) and their rows' images ``groups``.
+        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the ``epochs`` run, the final
+        loss terms, the trained ``model``, the cached normal ``features`` (under the fitted level scale), ``groups``.
     """
     start = time.perf_counter()
     set_determinism(seed)
