@@ -230,7 +230,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--augment", default="none", choices=AugmentView.choices())
     parser.add_argument("--backbone", default="efficientnet_lite0", choices=Backbone.choices())
     parser.add_argument("--score-mode", default="max", choices=ScoreMode.choices())
-    parser.add_argument("--score-map", default="grid", choices=ScoreMap.choices())
+    parser.add_argument("--score-map", default=None, choices=ScoreMap.choices())
     parser.add_argument("--perception-members", type=int, default=4, help="heads of the perception's ensemble")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)

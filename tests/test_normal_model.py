@@ -124,7 +124,8 @@ def test_fused_map_is_calibrated_on_cross_fitted_normal_distances():
     calibration = model.map_calibration
     assert calibration[1] > 0 and calibration[3] > 0
     # the stored calibration standardizes cross-fitted normal distances (a new draw of the folds' memories)
-    fused = model.cross_fitted_grid_maps(features, generator=torch.Generator().manual_seed(0))
+    fused, cross_fitted_position = model.cross_fitted_grid_maps(features, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cross_fitted_position, position)
     assert abs(fused.mean().item()) < 0.5
     # the fused grid map is the weighted sum of both standardized distances
     grid = model.normal_model_map(features[:2])

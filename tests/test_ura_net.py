@@ -567,8 +567,8 @@ def test_ablation_without_uiapm_and_ram_is_rejected():
         URANet(image_size=64, pretrained=False, use_ram=False, position_model=False)
 
 
-def test_the_image_score_reads_the_grid_map_unless_told_the_pixel_map():
-    model = URANet(image_size=64, **SMALL).eval()
+def test_the_grid_score_reads_the_grid_map_and_the_pixel_score_the_pixel_map():
+    model = URANet(image_size=64, score_map="grid", **SMALL).eval()
     grid = torch.zeros(2, 1, 8, 8)
     grid[0, 0, 3, 4] = 1.0  # a defect of one feature cell
     pixel = model.map_generator(grid, (64, 64), guide=torch.full((2, 3, 64, 64), 0.5))
@@ -577,9 +577,7 @@ def test_the_image_score_reads_the_grid_map_unless_told_the_pixel_map():
     assert torch.equal(
         URANet(image_size=64, score_map="pixel", **SMALL).score_images(grid, pixel), pixel.amax((1, 2, 3))
     )
-    with pytest.raises(ValueError, match="score_map"):
-        URANet(image_size=64, score_map="patch", **SMALL)
-    # the forward's score is the maximum of its grid map, the signal perception's logit
+    # the forward's grid score is the maximum of its grid map, the signal perception's logit
     images = brick_images(2, 64, seed=3)
     features = model.fit_normal_statistics(model.feature_extractor(images))
     with torch.no_grad():
@@ -653,7 +651,7 @@ def test_checkpoint_without_score_map_or_coreset_loads_as_it_was_written(tmp_pat
     # checkpoints written before the grid score (their stored image threshold is on the smoothed map's scale) and
     # before the coreset memory (their thresholds' cross-fitted memories were drawn at random)
     model = URANet(image_size=64, **SMALL).eval()
-    assert model.score_map == "grid" and model.memory_coreset
+    assert model.score_map == "grid_and_position" and model.memory_coreset
     path = save_checkpoint(tmp_path / "model.pt", model, {"image_threshold": 1.0}, {})
     raw = torch.load(path, map_location="cpu", weights_only=True)
     del raw["_extra_state"]["config"]["score_map"], raw["_extra_state"]["config"]["memory_coreset"]
@@ -661,7 +659,7 @@ def test_checkpoint_without_score_map_or_coreset_loads_as_it_was_written(tmp_pat
     loaded, checkpoint = load_checkpoint(path)
     assert loaded.score_map == "pixel" and not loaded.memory_coreset
     assert checkpoint["config"]["score_map"] == "pixel" and checkpoint["config"]["memory_coreset"] is False
-    # into a network (the bundle's network_def) that scores the grid, the load names the setting to override
+    # into a network (the bundle's network_def) that scores otherwise, the load names the setting to override
     from ura_monai.networks.nets.export import URANetExport
 
     with pytest.raises(ValueError, match="score_map"):

@@ -148,9 +148,10 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--score-map",
         choices=ScoreMap.choices(),
-        default="grid",
-        help="map the image score reads: the feature grid before upsampling and smoothing (grid, default, as "
-        "PatchCore scores patches) or the smoothed pixel map (pixel)",
+        default=None,
+        help="what the image score reads: the map on the feature grid before upsampling and smoothing (grid, as "
+        "PatchCore scores patches), the smoothed pixel map (pixel), or the grid map's and the position model's peaks, "
+        "each standardized on normal images (grid_and_position; the default with the perception's map, else grid)",
     )
     p.add_argument(
         "--perception-members",

@@ -103,10 +103,19 @@ def compute_thresholds(
     scored by normal models fitted without it), so that the thresholds rest on every normal image instead of a handful.
     A map guided by the image (``guided_radius > 0``) needs those images too: ``training_images``, batches of them in
     the rows' order (``engines.features.view_images``); ``training_groups``, the image of each row
-    (``engines.features.bank_images``), keeps an image's views in one block. ``network`` may be DDP-wrapped; its
-    train/eval mode is restored."""
+    (``engines.features.bank_images``), keeps an image's views in one block. With ``score_map="grid_and_position"``
+    the image scorer's statistics are set first, from the same normal images (``ImageScorer.calibrate``). ``network``
+    may be DDP-wrapped; its train/eval mode is restored."""
     model = cast(URANet, unwrap(network))
     was_training = model.training
+    model.eval()
+    cross_fitted = (
+        None
+        if training_features is None
+        else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device), groups=training_groups)
+    )
+    if model.image_scorer.needs_position:
+        _calibrate_image_scorer(model, data, image_size, channels, batch_size, device, cross_fitted)
     _, outputs = run_inference(
         model,
         data,
@@ -122,34 +131,58 @@ def compute_thresholds(
     model.train(was_training)
     scores = [float(o["pred_score"]) for o in outputs]
     maps = [torch.stack([o["anomaly_map"] for o in outputs]).float().cpu()] if outputs else []
-    grid = (
-        None
-        if training_features is None
-        else model.cross_fitted_grid_maps(training_features.to(model.map_calibration.device), groups=training_groups)
-    )
-    if grid is not None:
-        for part, guide in _grid_parts_and_guides(model, grid, training_images):
-            part_maps = model.map_generator(part, (image_size, image_size), guide=guide)
-            scores += model.score_images(part, part_maps).tolist()
+    if cross_fitted is not None:
+        grid, position = cross_fitted
+        for rows, guide in _grid_parts_and_guides(model, grid.shape[0], training_images):
+            part_maps = model.map_generator(grid[rows], (image_size, image_size), guide=guide)
+            scores += model.score_images(grid[rows], part_maps, position[rows]).tolist()
             maps.append(part_maps.float().cpu())
     return normal_postprocessing_stats(scores, torch.cat(maps) if maps else None)
 
 
+@torch.no_grad()
+def _calibrate_image_scorer(
+    model: URANet,
+    data: Sequence[dict[str, Any]],
+    image_size: int,
+    channels: int | None,
+    batch_size: int,
+    device: str | torch.device,
+    cross_fitted: tuple[torch.Tensor, torch.Tensor] | None,
+) -> None:
+    """``model.image_scorer.calibrate`` on the grid maps and position distances of the normal images ``data`` and of
+    the cross-fitted training images (``(grid maps, positions)`` or None)."""
+    grids, positions = ([cross_fitted[0]], [cross_fitted[1]]) if cross_fitted is not None else ([], [])
+    for batch in image_loader(data, image_size, batch_size, 0, channels):
+        features = model.feature_extractor(batch["image"].to(device)).float()
+        grid, position = model.grid_map_and_position(features)
+        grids.append(grid)
+        positions.append(position)
+    if sum(g.shape[0] for g in grids) < 2:  # one image has no spread: the scorer keeps its neutral statistics
+        logger.warning("the image score's statistics need at least two normal images; the score is left uncalibrated")
+        return
+    model.image_scorer.calibrate(
+        torch.cat([g.float().to(device) for g in grids]), torch.cat([p.float().to(device) for p in positions])
+    )
+
+
 def _grid_parts_and_guides(
-    model: URANet, grid: torch.Tensor, images: Iterable[torch.Tensor] | None
-) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """``(grid maps, their images or None)`` in chunks: the images only where the map is guided by them."""
+    model: URANet, rows: int, images: Iterable[torch.Tensor] | None
+) -> Iterator[tuple[slice, torch.Tensor | None]]:
+    """``(a chunk of the ``rows`` cached grid maps, their images or None)``: the images only where the map is guided by
+    them."""
     if not model.map_generator.needs_guide:
-        yield from ((part, None) for part in grid.split(32))
+        yield from ((slice(start, min(start + 32, rows)), None) for start in range(0, rows, 32))
         return
     if images is None:
         raise ValueError("the model's map is guided by the image: thresholds from training features need their images")
     row = 0
+    device = model.map_calibration.device
     for guide in images:
-        yield grid[row : row + guide.shape[0]], guide.to(grid.device)
+        yield slice(row, row + guide.shape[0]), guide.to(device)
         row += guide.shape[0]
-    if row != grid.shape[0]:
-        raise ValueError(f"{row} training images for {grid.shape[0]} cached feature maps")
+    if row != rows:
+        raise ValueError(f"{row} training images for {rows} cached feature maps")
 
 
 def test(

@@ -345,7 +345,9 @@ class FastURANet(nn.Module):
                 a_x = a_y if (w, size[1]) == (h, size[0]) else self._axis_matrix(w, size[1], images.device)
                 anomaly_map = torch.matmul(torch.matmul(a_y, grid), a_x.t())  # (B, 1, H, W)
         with self._stage("score"):
-            result = {"anomaly_map": anomaly_map, "pred_score": model.score_images(grid, anomaly_map)}
+            with torch.autocast(images.device.type, enabled=False):  # a distance: float32, as the maps
+                position = model.score_position(features.float())
+            result = {"anomaly_map": anomaly_map, "pred_score": model.score_images(grid, anomaly_map, position)}
         with self._stage("other_maps"):
             if probability is not None:
                 result["perception_map"] = F.interpolate(probability, size=size, mode="bilinear", align_corners=False)

@@ -229,7 +229,11 @@ def load_checkpoint(
         ``(model in eval mode, read_checkpoint(path))``; ``checkpoint["postprocessing"]`` holds thresholds.
     """
     checkpoint = read_checkpoint(path)
-    model = URANet(**{**checkpoint["config"], **overrides})
-    # what the caller changes on purpose (e.g. another anomaly_map_source) is not a mismatch
-    load_into(model, {**checkpoint, "config": {**checkpoint["config"], **overrides}}, str(path))
+    config = {**checkpoint["config"], **overrides}
+    model = URANet(**config)
+    # what the caller changes on purpose (e.g. another anomaly_map_source) is not a mismatch, nor what follows from it
+    # (another map is scored on the grid: checked_score_map)
+    if config.get("score_map") == "grid_and_position":
+        config["score_map"] = model.score_map
+    load_into(model, {**checkpoint, "config": config}, str(path))
     return model.to(device).eval(), checkpoint

@@ -77,11 +77,13 @@ class ScoreMode(StrEnum):
 
 class ScoreMap(StrEnum):
     """Which map the image score reads: the anomaly map on the feature grid, before upsampling and smoothing (as
-    PatchCore scores its patches; the default: smoothing dilutes a defect of one or two cells), or the smoothed pixel
-    map (checkpoints written before the option)."""
+    PatchCore scores its patches: smoothing dilutes a defect of one or two cells), the smoothed pixel map (checkpoints
+    written before 0.6.0), or the grid map's peak and the position model's peak, each standardized on normal images,
+    averaged (the default with the signal perception's map since 0.9.0)."""
 
     GRID = "grid"
     PIXEL = "pixel"
+    GRID_AND_POSITION = "grid_and_position"
 
 
 class Residual(StrEnum):

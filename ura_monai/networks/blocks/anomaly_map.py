@@ -10,7 +10,7 @@ from monai.networks.layers import separable_filtering
 from monai.networks.layers.convutils import gaussian_1d
 from torch import nn
 
-__all__ = ["AnomalyMapGenerator", "box_filter", "feature_residual", "guided_filter", "image_score"]
+__all__ = ["AnomalyMapGenerator", "ImageScorer", "box_filter", "feature_residual", "guided_filter", "image_score"]
 
 SCORE_MODES = ("max", "topk_mean", "std", "mean")
 
@@ -183,3 +183,62 @@ class AnomalyMapGenerator(nn.Module):
             return up
         kernel = self.kernel.to(up.dtype)
         return separable_filtering(up, [kernel, kernel], mode="reflect")
+
+
+class ImageScorer(nn.Module):
+    """Image scores (B,) from a model's maps, as ``score_map`` says:
+
+    - ``"grid"``: ``image_score`` of the anomaly map on the feature grid, before upsampling and smoothing (as
+      PatchCore scores its patches);
+    - ``"pixel"``: of the smoothed pixel map;
+    - ``"grid_and_position"``: the mean of two peaks, each standardized by its mean and standard deviation over
+      normal images no normal model saw (``calibrate``): the grid map's and the position model's. A small defect that
+      the position model alone flags (one grid cell where an aligned part looks different) keeps its evidence at the
+      image level, where the map's learned correction may have smoothed it; docs/design.md has the measurements.
+
+    Args:
+        score_map: one of the three above.
+        mode, top_k: how a map becomes a peak (:func:`image_score`).
+    """
+
+    calibration: torch.Tensor  # buffer: mean and std of the normal map peaks, then of the normal position peaks
+
+    def __init__(self, score_map: str = "grid", mode: str = "max", top_k: float = 0.01) -> None:
+        super().__init__()
+        self.score_map, self.mode, self.top_k = score_map, mode, top_k
+        image_score(torch.zeros(1, 1, 2, 2), mode, top_k)  # fail early on a bad mode
+        self.register_buffer("calibration", torch.tensor([0.0, 1.0, 0.0, 1.0]))
+
+    @property
+    def needs_position(self) -> bool:
+        """Whether ``forward`` needs the position model's distances."""
+        return self.score_map == "grid_and_position"
+
+    def peaks(self, grid_map: torch.Tensor, position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two peaks (each (B,)) that ``"grid_and_position"`` standardizes."""
+        return image_score(grid_map, self.mode, self.top_k), image_score(position, self.mode, self.top_k)
+
+    @torch.no_grad()
+    def calibrate(self, grid_maps: torch.Tensor, positions: torch.Tensor) -> None:
+        """Set the peaks' statistics from normal images' grid maps and position distances (each (N, 1, h, w))."""
+        map_peaks, position_peaks = (p.double() for p in self.peaks(grid_maps, positions))
+        if map_peaks.numel() < 2 or not (map_peaks.isfinite().all() and position_peaks.isfinite().all()):
+            raise ValueError("the image score's calibration needs finite maps of at least two normal images")
+        stats = torch.stack([map_peaks.mean(), map_peaks.std(), position_peaks.mean(), position_peaks.std()])
+        stats[1::2] = stats[1::2].clamp_min(1e-6)
+        self.calibration.copy_(stats.to(self.calibration))
+
+    def forward(
+        self, grid_map: torch.Tensor, anomaly_map: torch.Tensor, position: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scores of the grid map (B, 1, h, w), its pixel map (B, 1, H, W) and, for ``"grid_and_position"``, the
+        position model's distances (B, 1, h, w)."""
+        if self.score_map == "pixel":
+            return image_score(anomaly_map, self.mode, self.top_k)
+        if not self.needs_position:
+            return image_score(grid_map, self.mode, self.top_k)
+        if position is None:
+            raise ValueError("score_map='grid_and_position' needs the position model's distances")
+        map_peak, position_peak = self.peaks(grid_map, position)
+        map_mean, map_std, position_mean, position_std = self.calibration.to(map_peak.dtype)
+        return 0.5 * ((map_peak - map_mean) / map_std + (position_peak - position_mean) / position_std)

@@ -9,7 +9,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, feature_residual, image_score
+from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, ImageScorer, feature_residual
 from ura_monai.networks.blocks.fasm import CORRUPTIONS, MASK_TYPES, FeatureAnomalySynthesis
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.blocks.normal_model import PositionalGaussian, cross_fitted_normal_distances
@@ -19,16 +19,17 @@ from ura_monai.networks.nets.ura_net_options import (
     NORMAL_MODEL_SOURCES,
     RAM_NETWORKS,
     RESIDUALS,
-    SCORE_MAPS,
     checked_choice,
     checked_map_source,
+    checked_score_map,
     perception_module,
     restoration_module,
 )
 
 LEVEL_SCALE_KEY = "feature_extractor.level_scale"
-# buffers newer than some checkpoints, whose defaults reproduce those checkpoints (no restoration residual signal)
-OPTIONAL_BUFFERS = ("residual_calibration", "residual_weight")
+# buffers newer than some checkpoints, whose defaults reproduce those checkpoints (no restoration residual signal; the
+# image scorer's statistics are read only by score_map='grid_and_position', which such checkpoints do not have)
+OPTIONAL_BUFFERS = ("residual_calibration", "residual_weight", "image_scorer.calibration")
 
 __all__ = ["URANet"]
 
@@ -53,7 +54,8 @@ class URANet(nn.Module):
                  (``ram_network="transformer"``: a masked-restoration transformer; z(||F' - R||) is a third signal)
                  (other map sources: the residual to R, the restored features, the memory, position or fused map)
               -> upsampled map, refined by the guided filter with the image as guide (edges follow the image's);
-                 image score = max of the grid map (``score_map``)
+                 image score = mean of the grid map's peak and the position distance's peak, each standardized on
+                 normal images (``score_map``)
 
     Args:
         backbone: ``"efficientnet_lite0"`` (offline ImageNet weights) or ``"wide_resnet50_2"`` (torchvision).
@@ -117,8 +119,11 @@ class URANet(nn.Module):
             without it (the map of versions before 0.8.0). The config stores the number used.
         score_mode: image score from the map: ``max``, ``topk_mean``, ``std`` or ``mean``.
         top_k: fraction of the map's values averaged by ``topk_mean``.
-        score_map: which map the image score reads: ``"grid"`` (default: the map on the feature grid, before upsampling
-            and smoothing, as PatchCore scores patches) or ``"pixel"`` (the smoothed map; checkpoints before 0.6.0).
+        score_map: what the image score reads (:class:`ImageScorer`): ``"grid"`` (the map on the feature grid, before
+            upsampling and smoothing, as PatchCore scores patches), ``"pixel"`` (the smoothed map; checkpoints before
+            0.6.0) or ``"grid_and_position"`` (the mean of the grid map's peak and the position model's peak, each
+            standardized on normal images no normal model saw: set with the thresholds); None (default):
+            ``"grid_and_position"`` for the signal perception's map with the position model, else ``"grid"``.
     """
 
     map_calibration: torch.Tensor  # buffers
@@ -168,7 +173,7 @@ class URANet(nn.Module):
         sigma: float | None = None,
         score_mode: str = "max",
         top_k: float = 0.01,
-        score_map: str = "grid",
+        score_map: str | None = None,
     ) -> None:
         super().__init__()
         # everything needed to rebuild the network from a checkpoint
@@ -178,15 +183,10 @@ class URANet(nn.Module):
         self.anomaly_map_source = checked_map_source(
             anomaly_map_source, use_uiapm, use_ram, position_model, perception_input
         )
-        self.perception_input = perception_input
-        self.residual = checked_choice("residual", residual, RESIDUALS)
+        self.perception_input, self.residual = perception_input, checked_choice("residual", residual, RESIDUALS)
         checked_choice("ram_network", ram_network, RAM_NETWORKS)
         self.score_mode, self.top_k = score_mode, top_k
-        self.score_map = checked_choice("score_map", score_map, SCORE_MAPS)
-        self.memory_coreset = memory_coreset
-        self.equalize_levels = equalize_levels
-        image_score(torch.zeros(1, 1, 2, 2), score_mode, top_k)  # fail early on a bad mode
-
+        self.memory_coreset, self.equalize_levels = memory_coreset, equalize_levels
         self.feature_extractor = PretrainedFeatureExtractor(
             backbone, levels, image_size, feature_stride, smooth_kernel, backbone_weights, pretrained
         )
@@ -204,6 +204,10 @@ class URANet(nn.Module):
         self._register_calibration_buffers(fusion_weight)
         self.map_generator = AnomalyMapGenerator(sigma, guided_radius, guided_eps)
         self.config["sigma"] = self.map_generator.sigma
+        self.image_scorer = ImageScorer(
+            checked_score_map(score_map, self.uses_signal_map, position_model), score_mode, top_k
+        )
+        self.score_map = self.config["score_map"] = self.image_scorer.score_map
 
     def _register_calibration_buffers(self, fusion_weight: float | None) -> None:
         """The statistics that fit sets and checkpoints keep, at their neutral starts."""
@@ -460,7 +464,8 @@ class URANet(nn.Module):
             outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
             grid_map = self.grid_anomaly_map(outputs)
         anomaly_map = self.map_generator(grid_map, size, guide=images)
-        result = {"anomaly_map": anomaly_map, "pred_score": self.score_images(grid_map, anomaly_map)}
+        position = self.score_position(features)
+        result = {"anomaly_map": anomaly_map, "pred_score": self.score_images(grid_map, anomaly_map, position)}
         if "probability" in outputs:
             up = torch.nn.functional.interpolate
             result["uncertainty_map"] = up(outputs["uncertainty"], size=size, mode="bilinear", align_corners=False)
@@ -469,9 +474,18 @@ class URANet(nn.Module):
             result["uncertainty_map"] = torch.zeros_like(anomaly_map)
         return result
 
-    def score_images(self, grid_map: torch.Tensor, anomaly_map: torch.Tensor) -> torch.Tensor:
-        """Image scores (B,) from the grid map (B, 1, h, w) or its pixel map (B, 1, H, W), as ``score_map`` says."""
-        return image_score(grid_map if self.score_map == "grid" else anomaly_map, self.score_mode, self.top_k)
+    def score_position(self, features: torch.Tensor) -> torch.Tensor | None:
+        """The raw position distances (B, 1, h, w) of ``features`` where the image score reads them, else None."""
+        if self.position_model is None or not self.image_scorer.needs_position:
+            return None
+        return self.position_model(features)
+
+    def score_images(
+        self, grid_map: torch.Tensor, anomaly_map: torch.Tensor, position: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Image scores (B,) from the grid map (B, 1, h, w), its pixel map (B, 1, H, W) and the raw position distances
+        (B, 1, h, w; needed by ``score_map="grid_and_position"``), as ``score_map`` says (:class:`ImageScorer`)."""
+        return self.image_scorer(grid_map, anomaly_map, position)
 
     # ------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
@@ -513,11 +527,11 @@ class URANet(nn.Module):
     @torch.no_grad()
     def cross_fitted_grid_maps(
         self, features: torch.Tensor, generator: torch.Generator | None = None, groups: torch.Tensor | None = None
-    ) -> torch.Tensor | None:
-        """The model's normal-model map (``memory``, ``position`` or ``fused``) of normal training ``features``,
-        cross-fitted (see :meth:`cross_fitted_distances`): scores a new normal image would get, for thresholds.
-        The signal perception's map is the perception of cross-fitted signals. None for other map sources or
-        without the position model."""
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(grid maps, position distances)`` of normal training ``features``, cross-fitted (see
+        :meth:`cross_fitted_distances`): what a new normal image would get, for the thresholds and the image scorer. The
+        map is the model's normal-model map (``memory``, ``position`` or ``fused``), or the perception of cross-fitted
+        signals. None for other map sources or without the position model."""
         source = self.anomaly_map_source
         if not self.uses_signal_map and (
             source not in NORMAL_MODEL_SOURCES or self.position_model is None or self.ram is None
@@ -526,12 +540,20 @@ class URANet(nn.Module):
         memory, position = self.cross_fitted_distances(features, generator=generator, groups=groups)
         if self.uses_signal_map:
             residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
-            return self.perceive_distances(memory, position, 0, residual)[0]
+            return self.perceive_distances(memory, position, 0, residual)[0], position
         if source == "memory":
-            return memory
+            return memory, position
         if source == "position":
-            return position
-        return self.fuse(*self.standardize(memory, position))
+            return position, position
+        return self.fuse(*self.standardize(memory, position)), position
+
+    @torch.no_grad()
+    def grid_map_and_position(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The signal perception's grid map (its posterior-mean logit) and the raw position distances of ``features``
+        (each (B, 1, h, w)): what ``score_map="grid_and_position"`` reads."""
+        memory, position = self.raw_distances(features)
+        residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
+        return self.perceive_distances(memory, position, 0, residual)[0], position
 
     @torch.no_grad()
     def cross_fitted_distances(

@@ -13,7 +13,7 @@ from ura_monai.utils.enums import MapSource, PerceptionInput, RamNetwork, Residu
 
 __all__ = [
     "MAP_SOURCES", "NORMAL_MODEL_SOURCES", "RESIDUALS", "PERCEPTION_INPUTS", "RAM_NETWORKS", "SCORE_MAPS",
-    "checked_choice", "checked_map_source", "perception_module", "restoration_module",
+    "checked_choice", "checked_map_source", "checked_score_map", "perception_module", "restoration_module",
 ]  # fmt: skip
 
 MAP_SOURCES = MapSource.choices()
@@ -48,6 +48,19 @@ def checked_map_source(
             return "fused" if position_model else "memory"
         raise ValueError("anomaly_map_source='perception' needs use_uiapm=True")
     return "memory" if source == "prototype" else source
+
+
+def checked_score_map(score_map: str | None, signal_map: bool, position_model: bool) -> str:
+    """The map the image score reads (:class:`~ura_monai.networks.blocks.anomaly_map.ImageScorer`): ``None`` (the
+    default) is ``"grid_and_position"`` for the signal perception's map with the position model, else ``"grid"``;
+    ``"grid_and_position"`` falls back to ``"grid"`` where it does not apply (another map, e.g. a checkpoint loaded
+    with ``anomaly_map_source="memory"``, whose peaks its statistics do not describe)."""
+    if score_map is None:
+        score_map = "grid_and_position"
+    checked_choice("score_map", score_map, SCORE_MAPS)
+    if score_map == "grid_and_position" and not (signal_map and position_model):
+        return "grid"
+    return score_map
 
 
 def checked_choice(name: str, value: str, choices: Sequence[str]) -> str:
