@@ -6,7 +6,12 @@ import pytest
 import torch
 from test_ura_net import brick_images
 
-from ura_monai.engines.perception import perception_loss, perception_training_set, train_perception
+from ura_monai.engines.perception import (
+    perception_loss,
+    perception_training_set,
+    synthetic_variants,
+    train_perception,
+)
 from ura_monai.networks.blocks.uiapm import PerceptionEnsemble, UncertaintyAnomalyPerception, perception_heads
 from ura_monai.networks.nets import URANet
 from ura_monai.networks.nets.ura_net_options import checked_map_source
@@ -125,3 +130,11 @@ def test_each_head_of_the_ensemble_is_trained_on_its_own(bricks):
     assert not any(p.requires_grad for p in model.uiapm.parameters())  # frozen again after its stage
     single, _ = _fitted(bricks, perception_members=1)
     assert isinstance(single.uiapm, UncertaintyAnomalyPerception)
+
+
+def test_a_small_training_set_gets_more_synthetic_defects_per_image():
+    # 400 defects at the least, 2 to 16 per image: magnetic tiles' 343 images keep 2, hazelnut's 25 get 16
+    assert synthetic_variants(343) == 2 and synthetic_variants(200) == 2
+    assert synthetic_variants(100) == 4 and synthetic_variants(133) == 4 and synthetic_variants(134) == 3
+    assert synthetic_variants(25) == 16 and synthetic_variants(24) == 16 and synthetic_variants(1) == 16
+    assert synthetic_variants(10, min_defects=64) == 7

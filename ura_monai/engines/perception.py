@@ -30,9 +30,20 @@ from ura_monai.utils.distributed import unwrap
 if TYPE_CHECKING:
     from ura_monai.networks.nets.ura_net import URANet
 
-__all__ = ["perception_training_set", "train_perception", "train_perception_from_items", "perception_loss"]
+__all__ = [
+    "perception_training_set", "train_perception", "train_perception_from_items", "perception_loss", "synthetic_variants",
+]  # fmt: skip
 
 logger = logging.getLogger(__name__)
+
+# synthetic defects the perception trains on, at the least: a small training set gets more per image (2 at the least,
+# 16 at the most), so that the module sees enough of them (hazelnut's 25 images gave 50; docs/design.md)
+MIN_SYNTHETIC_DEFECTS = 400
+
+
+def synthetic_variants(images: int, min_defects: int = MIN_SYNTHETIC_DEFECTS) -> int:
+    """Synthetic defects painted into each of ``images`` training images: enough for ``min_defects`` in all, 2 to 16."""
+    return max(2, min(16, -(-min_defects // max(1, images))))
 
 
 @torch.no_grad()
@@ -195,7 +206,8 @@ def train_perception_from_items(
     progress: bool = False,
     calibrate_residual: bool = True,
 ) -> dict[str, Any]:
-    """:func:`train_perception` on the training datalist ``items`` whose cached features are ``bank`` (made by
+    """:func:`train_perception`, with :func:`synthetic_variants` defects per image, on the training datalist ``items``
+    whose cached features are ``bank`` (made by
     :func:`ura_monai.engines.features.extract_feature_bank` with the same ``batch_size``, any number of views),
     after the restoration residual's calibration on ``bank`` (:func:`calibrate_restoration_residual`; skipped
     with ``calibrate_residual=False`` when the caller has done it, as ``fusion_weight_from_items`` does).
@@ -212,4 +224,5 @@ def train_perception_from_items(
         return {}
     rows = first_view_rows(len(images), views, batch_size)
     groups = bank_images(len(images), views, batch_size)
-    return train_perception(model, bank, images, rows, seed=seed, progress=progress, groups=groups)
+    variants = synthetic_variants(len(images))
+    return train_perception(model, bank, images, rows, variants=variants, seed=seed, progress=progress, groups=groups)
