@@ -79,7 +79,7 @@ def test_thresholds_rest_on_the_calibrated_score_of_the_same_normal_images(tmp_p
     with torch.no_grad():
         grid, position = model.cross_fitted_grid_maps(bank)
         held_out = torch.cat([batch["image"] for batch in image_loader(threshold_items, 64, 8, 0)])
-        held_grid, held_position = model.grid_map_and_position(model.feature_extractor(held_out))
+        held_grid, _, held_position = model.signal_perception(model.feature_extractor(held_out), 0)
     grid, position = torch.cat([grid, held_grid]), torch.cat([position, held_position])
     map_peaks, position_peaks = grid.amax((1, 2, 3)).double(), position.amax((1, 2, 3)).double()
     expected = torch.stack([map_peaks.mean(), map_peaks.std(), position_peaks.mean(), position_peaks.std()]).float()

@@ -6,10 +6,11 @@ import pytest
 import torch
 from test_ura_net import brick_images
 
+from ura_monai.engines.calibration import synthetic_variants
 from ura_monai.engines.perception import (
+    MIN_SYNTHETIC_DEFECTS,
     perception_loss,
     perception_training_set,
-    synthetic_variants,
     train_perception,
 )
 from ura_monai.networks.blocks.uiapm import PerceptionEnsemble, UncertaintyAnomalyPerception, perception_heads
@@ -37,7 +38,7 @@ def test_the_signal_perception_starts_as_the_fused_map(bricks):
     query = brick_images(2, SIZE, seed=5)
     with torch.no_grad():
         features = model.feature_extractor(query)
-        logit, _ = model.signal_perception(features, 0)
+        logit, _, _ = model.signal_perception(features, 0)
         fused = model.normal_model_map(features, "fused")
         out = model(query, num_samples=4)
     # zero-initialised residual head: logit = 1 * fused - 3 at every position
@@ -134,7 +135,13 @@ def test_each_head_of_the_ensemble_is_trained_on_its_own(bricks):
 
 def test_a_small_training_set_gets_more_synthetic_defects_per_image():
     # 400 defects at the least, 2 to 16 per image: magnetic tiles' 343 images keep 2, hazelnut's 25 get 16
-    assert synthetic_variants(343) == 2 and synthetic_variants(200) == 2
-    assert synthetic_variants(100) == 4 and synthetic_variants(133) == 4 and synthetic_variants(134) == 3
-    assert synthetic_variants(25) == 16 and synthetic_variants(24) == 16 and synthetic_variants(1) == 16
-    assert synthetic_variants(10, min_defects=64) == 7
+    assert MIN_SYNTHETIC_DEFECTS == 400
+
+    def variants(images):
+        return synthetic_variants(images, MIN_SYNTHETIC_DEFECTS, fewest=2)
+
+    assert variants(343) == 2 and variants(200) == 2
+    assert variants(100) == 4 and variants(133) == 4 and variants(134) == 3
+    assert variants(25) == 16 and variants(24) == 16 and variants(1) == 16
+    # the fusion weight's defects in the held-out images: 64 at the least, 1 to 16 each
+    assert synthetic_variants(10, 64) == 7 and synthetic_variants(100, 64) == 1 and synthetic_variants(2, 64) == 16

@@ -830,7 +830,7 @@ def test_fit_without_ram_trains_the_signal_perception_only(small_demo, tmp_path)
     )
     checkpoint = read_checkpoint(result["checkpoint"])
     assert result["losses"] == {} and checkpoint["config"]["use_ram"] is False
-    # 9 training images (one held out for the thresholds), each painted synthetic_variants(9) = 16 times
+    # 9 training images (one held out for the thresholds), each painted synthetic_variants(9, 400, fewest=2) = 16 times
     assert checkpoint["extra"]["perception_training"]["defects"] == 9 * 16
     heads = [v for k, v in checkpoint["state_dict"].items() if k.startswith("uiapm.") and "classifier.weight_mu" in k]
     assert len(heads) == 4 and all(torch.count_nonzero(weights) > 0 for weights in heads)

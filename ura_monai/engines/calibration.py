@@ -36,6 +36,12 @@ FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 RESIDUAL_WEIGHTS = (0.0, 0.25, 0.5)
 
 
+def synthetic_variants(images: int, min_defects: int, fewest: int = 1, most: int = 16) -> int:
+    """Synthetic defects to paint into each of ``images`` images: enough for ``min_defects`` in all, from ``fewest`` to
+    ``most`` (which bounds the memory of a very small set: the defect images are held at once)."""
+    return max(fewest, min(most, -(-min_defects // max(1, images))))
+
+
 def synthetic_defect_batch(images: torch.Tensor, variants: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``variants`` synthetic defects painted into each of ``images`` (N, C, H, W) in [0, 1], other images of
     the batch lending their texture; returns ``(defect images (N*variants, C, H, W), masks (N*variants, 1, H, W))``."""
@@ -156,7 +162,7 @@ def fusion_weight_from_items(
         return None
     device = torch.device(device)
     images = torch.cat([batch["image"] for batch in image_loader(items, image_size, batch_size, 0, channels)])
-    variants = min(16, -(-min_defects // len(images)))
+    variants = synthetic_variants(len(images), min_defects)
     defects, masks = synthetic_defect_batch(images, variants, seed)
     extractor = model.feature_extractor
 

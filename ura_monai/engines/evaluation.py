@@ -155,7 +155,7 @@ def _calibrate_image_scorer(
     grids, positions = ([cross_fitted[0]], [cross_fitted[1]]) if cross_fitted is not None else ([], [])
     for batch in image_loader(data, image_size, batch_size, 0, channels):
         features = model.feature_extractor(batch["image"].to(device)).float()
-        grid, position = model.grid_map_and_position(features)
+        grid, _, position = model.signal_perception(features, 0)
         grids.append(grid)
         positions.append(position)
     if sum(g.shape[0] for g in grids) < 2:  # one image has no spread: the scorer keeps its neutral statistics

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 import torch.nn.functional as F
 
-from ura_monai.engines.calibration import calibrate_restoration_residual, synthetic_defect_batch
+from ura_monai.engines.calibration import calibrate_restoration_residual, synthetic_defect_batch, synthetic_variants
 from ura_monai.engines.features import bank_images, first_view_rows
 from ura_monai.engines.loaders import image_loader
 from ura_monai.losses import gaussian_kl
@@ -30,20 +30,13 @@ from ura_monai.utils.distributed import unwrap
 if TYPE_CHECKING:
     from ura_monai.networks.nets.ura_net import URANet
 
-__all__ = [
-    "perception_training_set", "train_perception", "train_perception_from_items", "perception_loss", "synthetic_variants",
-]  # fmt: skip
+__all__ = ["perception_training_set", "train_perception", "train_perception_from_items", "perception_loss"]
 
 logger = logging.getLogger(__name__)
 
 # synthetic defects the perception trains on, at the least: a small training set gets more per image (2 at the least,
 # 16 at the most), so that the module sees enough of them (hazelnut's 25 images gave 50; docs/design.md)
 MIN_SYNTHETIC_DEFECTS = 400
-
-
-def synthetic_variants(images: int, min_defects: int = MIN_SYNTHETIC_DEFECTS) -> int:
-    """Synthetic defects painted into each of ``images`` training images: enough for ``min_defects`` in all, 2 to 16."""
-    return max(2, min(16, -(-min_defects // max(1, images))))
 
 
 @torch.no_grad()
@@ -206,7 +199,8 @@ def train_perception_from_items(
     progress: bool = False,
     calibrate_residual: bool = True,
 ) -> dict[str, Any]:
-    """:func:`train_perception`, with :func:`synthetic_variants` defects per image, on the training datalist ``items``
+    """:func:`train_perception`, with ``synthetic_variants(images, MIN_SYNTHETIC_DEFECTS, 2)`` defects per image
+    (:func:`ura_monai.engines.calibration.synthetic_variants`), on the training datalist ``items``
     whose cached features are ``bank`` (made by
     :func:`ura_monai.engines.features.extract_feature_bank` with the same ``batch_size``, any number of views),
     after the restoration residual's calibration on ``bank`` (:func:`calibrate_restoration_residual`; skipped
@@ -224,5 +218,5 @@ def train_perception_from_items(
         return {}
     rows = first_view_rows(len(images), views, batch_size)
     groups = bank_images(len(images), views, batch_size)
-    variants = synthetic_variants(len(images))
+    variants = synthetic_variants(len(images), MIN_SYNTHETIC_DEFECTS, fewest=2)
     return train_perception(model, bank, images, rows, variants=variants, seed=seed, progress=progress, groups=groups)

@@ -263,27 +263,28 @@ class FastURANet(nn.Module):
 
     def _perception(
         self, features: torch.Tensor, source: str, t: int
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """``(signal perception logit, probability, uncertainty)`` as the reference forward computes them (None
-        where it does not): the normal-model maps need no perception, which then runs only for uncertainty
-        passes; the signal perception's map is its posterior-mean logit."""
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """``(signal perception logit, probability, uncertainty, raw position distances)`` as the reference forward
+        computes them (None where it does not): the normal-model maps need no perception, which then runs only for
+        uncertainty passes; the signal perception's map is its posterior-mean logit, and its position distances are
+        what the image score reads beside it."""
         model = self.model
         if model.uiapm is None:
-            return None, None, None
+            return None, None, None, None
         run_perception = source not in NORMAL_MODEL_SOURCES or t > 0
         if model.has_signal_perception and (run_perception or source == "perception"):
             with self._stage("uiapm"), torch.autocast(features.device.type, enabled=False):
                 # the signals are distances: float32, as the normal-model maps
-                logit, perception = model.signal_perception(features.float(), t)
+                logit, perception, position = model.signal_perception(features.float(), t)
             without_passes = t <= 0 and (source == "perception" or source in NORMAL_MODEL_SOURCES)
             probability = None if without_passes else perception.probability.float()  # RAM maps gate with it
-            return logit, probability, perception.uncertainty.float() if t > 1 else None
+            return logit, probability, perception.uncertainty.float() if t > 1 else None, position
         if not run_perception:
-            return None, None, None
+            return None, None, None, None
         with self._stage("uiapm"):
             perception = model.uiapm(features, t)
         # with one pass or none the module returns zero uncertainty: no need to keep or upsample it
-        return None, perception.probability.float(), perception.uncertainty.float() if t > 1 else None
+        return None, perception.probability.float(), perception.uncertainty.float() if t > 1 else None, None
 
     def _forward_impl(self, images: torch.Tensor, num_samples: int | None) -> dict[str, torch.Tensor]:
         model = self.model
@@ -294,7 +295,7 @@ class FastURANet(nn.Module):
             features = self.features(images)
         b, c, h, w = features.shape
         with self._autocast(images.device):
-            signal_logit, probability, uncertainty = self._perception(features, source, t)
+            signal_logit, probability, uncertainty, position = self._perception(features, source, t)
             if source == "perception":
                 grid = probability if signal_logit is None else signal_logit
             elif source in NORMAL_MODEL_SOURCES:
@@ -345,8 +346,6 @@ class FastURANet(nn.Module):
                 a_x = a_y if (w, size[1]) == (h, size[0]) else self._axis_matrix(w, size[1], images.device)
                 anomaly_map = torch.matmul(torch.matmul(a_y, grid), a_x.t())  # (B, 1, H, W)
         with self._stage("score"):
-            with torch.autocast(images.device.type, enabled=False):  # a distance: float32, as the maps
-                position = model.score_position(features.float())
             result = {"anomaly_map": anomaly_map, "pred_score": model.score_images(grid, anomaly_map, position)}
         with self._stage("other_maps"):
             if probability is not None:

@@ -259,7 +259,7 @@ class URANet(nn.Module):
             # trained in its own stage on cross-fitted signals (engines/perception.py); here it only gates the RAM,
             # so it returns no logits for the loss
             with torch.no_grad():
-                out["perception_logit"], perception = self.signal_perception(corrupted, num_samples)
+                out["perception_logit"], perception, _ = self.signal_perception(corrupted, num_samples)
             out["probability"], out["uncertainty"] = perception.probability, perception.uncertainty
             probability, uncertainty = perception.probability, perception.uncertainty
         elif self.uiapm is not None:
@@ -407,11 +407,12 @@ class URANet(nn.Module):
 
     def signal_perception(
         self, features: torch.Tensor, num_samples: int | None = None
-    ) -> tuple[torch.Tensor, PerceptionOutput]:
-        """:meth:`perceive_distances` of the distances of ``features`` to the normal models (and their residual)."""
+    ) -> tuple[torch.Tensor, PerceptionOutput, torch.Tensor]:
+        """:meth:`perceive_distances` of the distances of ``features`` to the normal models (and their residual), and
+        the raw position distances it read (B, 1, h, w; what ``score_map="grid_and_position"`` also reads)."""
         memory, position = self.raw_distances(features)
         residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
-        return self.perceive_distances(memory, position, num_samples, residual)
+        return (*self.perceive_distances(memory, position, num_samples, residual), position)
 
     # ------------------------------------------------------------------ images -> maps and scores
     def forward(
@@ -447,9 +448,10 @@ class URANet(nn.Module):
         size = images.shape[-2:]
         features = self.feature_extractor(images)
         t = (self.uiapm.num_samples if self.uiapm is not None else 0) if num_samples is None else num_samples
+        position = None  # the raw position distances, read by the image score with the signal perception's map
         if self.uses_signal_map:
             # the map needs no attention: the perception of the normal models' signals
-            grid_map, perception = self.signal_perception(features, t)
+            grid_map, perception, position = self.signal_perception(features, t)
             outputs = {"input": features, **(perception._asdict() if t > 0 else {})}
         elif self.anomaly_map_source in NORMAL_MODEL_SOURCES:
             # the map needs no attention; the perception module runs only when its maps are asked for
@@ -464,7 +466,6 @@ class URANet(nn.Module):
             outputs = self.forward_features(features, synthesize=False, num_samples=num_samples)
             grid_map = self.grid_anomaly_map(outputs)
         anomaly_map = self.map_generator(grid_map, size, guide=images)
-        position = self.score_position(features)
         result = {"anomaly_map": anomaly_map, "pred_score": self.score_images(grid_map, anomaly_map, position)}
         if "probability" in outputs:
             up = torch.nn.functional.interpolate
@@ -473,12 +474,6 @@ class URANet(nn.Module):
         else:
             result["uncertainty_map"] = torch.zeros_like(anomaly_map)
         return result
-
-    def score_position(self, features: torch.Tensor) -> torch.Tensor | None:
-        """The raw position distances (B, 1, h, w) of ``features`` where the image score reads them, else None."""
-        if self.position_model is None or not self.image_scorer.needs_position:
-            return None
-        return self.position_model(features)
 
     def score_images(
         self, grid_map: torch.Tensor, anomaly_map: torch.Tensor, position: torch.Tensor | None = None
@@ -546,14 +541,6 @@ class URANet(nn.Module):
         if source == "position":
             return position, position
         return self.fuse(*self.standardize(memory, position)), position
-
-    @torch.no_grad()
-    def grid_map_and_position(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The signal perception's grid map (its posterior-mean logit) and the raw position distances of ``features``
-        (each (B, 1, h, w)): what ``score_map="grid_and_position"`` reads."""
-        memory, position = self.raw_distances(features)
-        residual = self.restoration_residual(features, memory, position) if self.uses_residual_signal else None
-        return self.perceive_distances(memory, position, 0, residual)[0], position
 
     @torch.no_grad()
     def cross_fitted_distances(
