@@ -13,7 +13,9 @@ level-equalized features) and, with --ablation, each ablation's (FASM, UIAPM, RA
 Every entry has the same metric keys (``METRIC_KEYS``, computed by ``quality_metrics``): image_auroc,
 pixel_auroc, aupro, f1_max (image level), pixel_ap, pixel_f1_max, uncertainty_error_auroc (null for the
 references, which have no uncertainty, and for a constant uncertainty), and normal_fpr / anomalous_tpr at the
-entry's image_threshold, set on the held-out normal training images as ``fit`` sets the stored one.
+entry's image_threshold, set on the held-out normal training images as ``fit`` sets the stored one (its operating
+point: --false-alarm-rate). The model's entry adds ``operating_points``: normal_fpr / anomalous_tpr at the thresholds
+that other false-alarm rates give on the same normal scores, so one run shows the whole trade-off.
 """
 
 from __future__ import annotations
@@ -33,18 +35,19 @@ from ura_monai.engines.evaluation import compute_thresholds, run_inference
 from ura_monai.engines.features import bank_view_images, extract_feature_bank
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.workflow import fit, split_normal_validation
-from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
+from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric, anomalous_tpr, normal_fpr
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
-from ura_monai.transforms.thresholds import normal_postprocessing_stats
+from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE, normal_postprocessing_stats
 from ura_monai.utils.enums import AugmentView, Backbone, Layout, ScoreMap, ScoreMode
 
 METRIC_KEYS = ANOMALY_METRIC_NAMES  # every figure the package's metric computes
 IMAGE_METRIC_KEYS = ("image_auroc", "f1_max", "normal_fpr", "anomalous_tpr")  # the figures that read the image score
 # the default map is the model's own (URANet's anomaly_map_source default); these are the others, same trained model
 MAP_VARIANTS = ("memory", "position", "fused", "restoration", "restored", "perception")
+OPERATING_POINTS = (0.01, 0.02, 0.05, 0.1)  # false-alarm rates of the model's ``operating_points``
 ABLATIONS = {
     "no_fasm": {"use_fasm": False},
     "no_uiapm": {"use_uiapm": False},
@@ -135,8 +138,9 @@ def nearest_neighbour_reference(
         return torch.cat(scores), torch.cat(grid_scores), torch.cat(maps)
 
     normal_scores, normal_grid_scores, normal_maps = score(threshold_items(train_items, args))
-    threshold = normal_postprocessing_stats(normal_scores, normal_maps)["image_threshold"]
-    grid_threshold = normal_postprocessing_stats(normal_grid_scores)["image_threshold"]
+    rate = args.false_alarm_rate
+    threshold = normal_postprocessing_stats(normal_scores, normal_maps, false_alarm_rate=rate)["image_threshold"]
+    grid_threshold = normal_postprocessing_stats(normal_grid_scores, false_alarm_rate=rate)["image_threshold"]
     fit_seconds = time.perf_counter() - start
     start = time.perf_counter()
     scores, grid_scores, maps = score(test_items)
@@ -151,23 +155,42 @@ def nearest_neighbour_reference(
     }
 
 
-def model_metrics(model, test_items, masks, args, image_threshold: float) -> dict:
-    """Run the model over the test items (uncertainty passes at its own setting) and compute its figures."""
+def operating_points(scores, labels, normal_scores) -> dict:
+    """``{rate: {"image_threshold", "normal_fpr", "anomalous_tpr"}}`` for each of ``OPERATING_POINTS``: the test
+    images' decision rates at the threshold that false-alarm rate gives on the normal scores (as ``fit`` sets it)."""
+    points = {}
+    for rate in OPERATING_POINTS:
+        threshold = normal_postprocessing_stats(normal_scores, false_alarm_rate=rate)["image_threshold"]
+        points[str(rate)] = {
+            "image_threshold": round(threshold, 6),
+            "normal_fpr": round(normal_fpr(scores, labels, threshold), 4),
+            "anomalous_tpr": round(anomalous_tpr(scores, labels, threshold), 4),
+        }
+    return points
+
+
+def model_metrics(model, test_items, masks, args, image_threshold: float, normal_scores=None) -> dict:
+    """Run the model over the test items (uncertainty passes at its own setting) and compute its figures; with the
+    ``normal_scores`` its threshold came from, the ``operating_points`` too."""
     start = time.perf_counter()
     _, outputs = run_inference(model, test_items, args.image_size, args.batch_size, args.device, progress=False)
     seconds = time.perf_counter() - start
+    scores, labels = torch.tensor([o["pred_score"] for o in outputs]), torch.tensor([o["label"] for o in outputs])
     figures = quality_metrics(
-        torch.tensor([o["pred_score"] for o in outputs]),
-        torch.tensor([o["label"] for o in outputs]),
+        scores,
+        labels,
         torch.stack([o["anomaly_map"] for o in outputs]).float(),
         masks,
         torch.stack([o["uncertainty_map"] for o in outputs]).float(),
         image_threshold,
     )
-    return figures | {
+    figures |= {
         "image_threshold": round(image_threshold, 6),
         "test_images_per_second": round(len(outputs) / seconds, 3),
     }
+    if normal_scores is not None:
+        figures["operating_points"] = operating_points(scores, labels, normal_scores)
+    return figures
 
 
 def run_model(
@@ -185,6 +208,7 @@ def run_model(
         seed=args.seed,
         device=args.device,
         progress=False,
+        false_alarm_rate=args.false_alarm_rate,
         model_kwargs={
             "backbone": args.backbone,
             "score_mode": args.score_mode,
@@ -194,7 +218,8 @@ def run_model(
         },
     )
     model, checkpoint = load_checkpoint(fitted["checkpoint"], args.device)
-    figures = model_metrics(model, test_items, masks, args, checkpoint["postprocessing"]["image_threshold"])
+    threshold = checkpoint["postprocessing"]["image_threshold"]
+    figures = model_metrics(model, test_items, masks, args, threshold, fitted["normal_scores"])
     figures["fit_seconds"] = fitted["fit_seconds"]
     # the same trained model with its other anomaly-map definitions (inference-only switches); each map has
     # its own image threshold, set as fit sets the stored one (held-out normal images, and the training images
@@ -210,6 +235,7 @@ def run_model(
             training_features=fitted["features"],
             training_groups=fitted["groups"],
             training_images=training_view_images(train_items, args, checkpoint["extra"].get("channels")),
+            false_alarm_rate=args.false_alarm_rate,
         )
         figures[f"map_{source}"] = model_metrics(model, test_items, masks, args, threshold["image_threshold"])
     return figures
@@ -234,6 +260,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--perception-members", type=int, default=4, help="heads of the perception's ensemble")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        default=DEFAULT_FALSE_ALARM_RATE,
+        help="operating point of every entry's image threshold: the fraction of normal images above it",
+    )
     parser.add_argument("--ablation", action="store_true", help="also run with each of FASM, UIAPM, RAM switched off")
     parser.add_argument(
         "--reference-only", action="store_true", help="only the nearest-neighbour references (no training)"

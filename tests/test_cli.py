@@ -25,6 +25,7 @@ from ura_monai.inference.image_inference import predict_files
 from ura_monai.inference.predictor import URANetPredictor
 from ura_monai.metrics import ANOMALY_METRIC_NAMES
 from ura_monai.networks.checkpoint import read_checkpoint
+from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE
 
 SIZE = 64
 QUIET = ["--no-progress", "-q"]
@@ -322,6 +323,8 @@ def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
             "2",
             "--guided-radius",
             "0",
+            "--false-alarm-rate",
+            "0.2",
             "--output",
             str(out),
             *QUIET,
@@ -330,12 +333,17 @@ def test_fit_map_source_is_stored_and_used(demo, checkpoint, tmp_path, capsys):
     assert code == 0
     stored = read_checkpoint(out / "model.pt")
     assert stored["config"]["anomaly_map_source"] == "restoration" and stored["config"]["perception_members"] == 2
+    assert stored["postprocessing"]["image_false_alarm_rate"] == 0.2
+    assert read_checkpoint(checkpoint)["postprocessing"]["image_false_alarm_rate"] == DEFAULT_FALSE_ALARM_RATE
     assert any(k.startswith("uiapm.members.1.") for k in stored["state_dict"])
     assert stored["config"]["guided_radius"] == 0 and stored["config"]["sigma"] == 4.0  # the Gaussian map instead
     bad = ["fit", "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo", "--perception-members", "0"]
     with pytest.raises(SystemExit) as exit_info:
         main([*bad, "--output", str(tmp_path / "bad"), *QUIET])
     assert exit_info.value.code == 2 and "--perception-members: must be a positive integer" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main([*bad[:-2], "--false-alarm-rate", "1", "--output", str(tmp_path / "bad"), *QUIET])
+    assert exit_info.value.code == 2 and "--false-alarm-rate: must be between 0 and 1" in capsys.readouterr().err
     images = torch.stack(
         [
             torch.from_numpy(np.asarray(Image.open(p), np.float32) / 255.0).permute(2, 0, 1)
@@ -368,6 +376,13 @@ def test_python_dash_m_entry_point(monkeypatch, capsys):
         runpy.run_module("ura_monai", run_name="__main__")
     assert exit_info.value.code == 0
     assert "predict" in capsys.readouterr().out
+
+
+def test_fit_help_states_the_default_operating_point(capsys):
+    # the torch-free parser cannot import the constant: its help repeats it, and must stay in step
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert f"(default {DEFAULT_FALSE_ALARM_RATE};" in " ".join(capsys.readouterr().out.split())
 
 
 def test_help_does_not_import_torch():

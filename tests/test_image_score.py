@@ -88,3 +88,11 @@ def test_thresholds_rest_on_the_calibrated_score_of_the_same_normal_images(tmp_p
     scores = 0.5 * ((map_peaks - expected[0]) / expected[1] + (position_peaks - expected[2]) / expected[3])
     assert stats["image_threshold"] == pytest.approx(float(np.quantile(scores.numpy(), 0.99)), rel=1e-4, abs=1e-4)
     assert abs(float(scores.mean())) < 1e-4  # standardized: the normal scores centre on 0
+    # another operating point takes its own quantile of the same scores
+    torch.manual_seed(0)
+    wide = compute_thresholds(
+        model, threshold_items, 64, training_features=bank, training_images=[images], false_alarm_rate=0.25
+    )
+    assert wide["image_threshold"] == pytest.approx(float(np.quantile(scores.numpy(), 0.75)), rel=1e-4, abs=1e-4)
+    assert wide["image_threshold"] < stats["image_threshold"]
+    assert (wide["image_false_alarm_rate"], stats["image_false_alarm_rate"]) == (0.25, 0.01)

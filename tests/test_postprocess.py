@@ -29,6 +29,7 @@ from ura_monai.transforms import (
     SmoothAnomalyMapd,
     ThresholdAnomalyMap,
     ThresholdAnomalyMapd,
+    normal_postprocessing_stats,
 )
 
 # --------------------------------------------------------------------------- smoothing
@@ -118,6 +119,17 @@ def test_normalize_hand_checked():
     assert out_map.min() >= 0 and out_map.max() <= 1
     with pytest.raises(ValueError):
         NormalizeAnomalyScore(1.0, 2.0, 2.0)
+
+
+def test_normal_stats_threshold_is_the_quantile_of_the_false_alarm_rate():
+    scores = torch.arange(101, dtype=torch.float64)  # 0..100: the q quantile is 100 q
+    default = normal_postprocessing_stats(scores)
+    assert default["image_threshold"] == pytest.approx(99.0)
+    assert (default["image_min"], default["image_max"], default["image_false_alarm_rate"]) == (0.0, 198.0, 0.01)
+    assert normal_postprocessing_stats(scores, false_alarm_rate=0.1)["image_threshold"] == pytest.approx(90.0)
+    for rate in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="false_alarm_rate"):
+            normal_postprocessing_stats(scores, false_alarm_rate=rate)
 
 
 def test_threshold_mask():

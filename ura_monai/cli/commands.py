@@ -204,6 +204,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         resume=args.resume,
         progress=not args.no_progress,
         model_kwargs=model_kwargs,
+        **({} if args.false_alarm_rate is None else {"false_alarm_rate": args.false_alarm_rate}),
     )
     summary = {
         k: result[k] for k in ("checkpoint", "postprocessing", "fit_seconds", "train_seconds", "losses") if k in result

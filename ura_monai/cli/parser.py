@@ -37,6 +37,13 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), got {text}")
+    return value
+
+
 def _image_size(text: str) -> int:
     value = int(text)
     # the backbone downsamples 32 times; other sizes would misalign the feature grid
@@ -114,6 +121,13 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
+    p.add_argument(
+        "--false-alarm-rate",
+        type=_open_fraction,
+        default=None,
+        help="the image threshold's operating point: the fraction of normal images expected above it, the threshold "
+        "being that upper quantile of the normal images' scores (default 0.01; docs/design.md, Thresholds)",
+    )
     p.add_argument(
         "--resume",
         action="store_true",

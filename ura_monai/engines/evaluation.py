@@ -20,12 +20,12 @@ from ura_monai.engines.loaders import image_loader
 from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
-from ura_monai.transforms.thresholds import normal_postprocessing_stats
+from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE, normal_postprocessing_stats
 from ura_monai.utils.distributed import unwrap
 from ura_monai.utils.fileio import atomic_write_text
 from ura_monai.utils.paths import mark_output_dir
 
-__all__ = ["run_inference", "compute_thresholds", "test"]
+__all__ = ["run_inference", "compute_thresholds", "normal_scores_and_maps", "test"]
 
 logger = logging.getLogger("ura_monai")
 
@@ -96,8 +96,32 @@ def compute_thresholds(
     training_features: torch.Tensor | None = None,
     training_images: Iterable[torch.Tensor] | None = None,
     training_groups: torch.Tensor | None = None,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
 ) -> dict[str, float]:
-    """Image and pixel thresholds from normal data (``normal_postprocessing_stats`` of their scores and maps): the
+    """Image and pixel thresholds from normal data: ``normal_postprocessing_stats`` of the scores and maps of
+    :func:`normal_scores_and_maps` (same arguments), the image threshold at the ``1 - false_alarm_rate`` quantile of
+    the normal scores (recorded as ``image_false_alarm_rate``)."""
+    scores, maps = normal_scores_and_maps(
+        network, data, image_size, channels, batch_size, device, num_workers, amp,
+        training_features, training_images, training_groups,
+    )  # fmt: skip
+    return normal_postprocessing_stats(scores, maps, false_alarm_rate=false_alarm_rate)
+
+
+def normal_scores_and_maps(
+    network: torch.nn.Module,
+    data: Sequence[dict[str, Any]],
+    image_size: int,
+    channels: int | None = None,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    num_workers: int = 0,
+    amp: bool = False,
+    training_features: torch.Tensor | None = None,
+    training_images: Iterable[torch.Tensor] | None = None,
+    training_groups: torch.Tensor | None = None,
+) -> tuple[list[float], torch.Tensor | None]:
+    """``(image scores, anomaly maps (N, 1, H, W) or None)`` of normal data, that thresholds are set from: the
     held-out normal images ``data``, with the uncertainty passes off (they do not change the map), and, given the cached
     ``training_features``, the training images cross-fitted (``URANet.cross_fitted_grid_maps``: each block of images
     scored by normal models fitted without it), so that the thresholds rest on every normal image instead of a handful.
@@ -137,7 +161,7 @@ def compute_thresholds(
             part_maps = model.map_generator(grid[rows], (image_size, image_size), guide=guide)
             scores += model.score_images(grid[rows], part_maps, position[rows]).tolist()
             maps.append(part_maps.float().cpu())
-    return normal_postprocessing_stats(scores, torch.cat(maps) if maps else None)
+    return scores, (torch.cat(maps) if maps else None)
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from ignite.handlers.tqdm_logger import ProgressBar
 from monai.utils import set_determinism
 
 from ura_monai.engines.calibration import fusion_weight_from_items
-from ura_monai.engines.evaluation import compute_thresholds
+from ura_monai.engines.evaluation import normal_scores_and_maps
 from ura_monai.engines.features import (
     FeatureBankDataset,
     FeatureCacheDataset,
@@ -29,6 +29,7 @@ from ura_monai.losses.ura_loss import URANetLoss
 from ura_monai.networks.blocks.restoration import RestorationTransformer
 from ura_monai.networks.checkpoint import save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
+from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE, normal_postprocessing_stats
 from ura_monai.utils.fileio import atomic_torch_save
 from ura_monai.utils.paths import mark_output_dir
 
@@ -139,6 +140,7 @@ def fit(
     progress: bool = True,
     model_kwargs: dict[str, Any] | None = None,
     loss_kwargs: dict[str, Any] | None = None,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
 ) -> dict[str, Any]:
     """Train URA-Net on normal images and write ``<output_dir>/model.pt`` with thresholds.
 
@@ -159,25 +161,24 @@ def fit(
         device: ``cpu`` or ``cuda``.
         num_workers: DataLoader workers for decoding images.
         amp: mixed precision on CUDA.
-        tensorboard: log losses to ``<output_dir>/runs``.
+        tensorboard, progress: log losses to ``<output_dir>/runs``; progress bars.
         resume: continue from ``<output_dir>/train_state/train_state.pt`` (the last complete epoch) when present;
             its settings (image size, model, augment, seed, batch size, channels) must match, else ValueError.
             Without ``resume`` an earlier run's state in ``output_dir`` is deleted (never resumed later by mistake).
-        progress: progress bars.
         model_kwargs: ``URANet`` arguments (ablation switches, sizes, map and score options).
         loss_kwargs: ``URANetLoss`` weights.
+        false_alarm_rate: the fraction of normal images above the stored image threshold (its operating point).
 
     Returns:
-        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds), ``fit_seconds``, the ``epochs`` run, the final
-        loss terms, the trained ``model``, the cached normal ``features`` (under the fitted level scale), ``groups``.
+        dict with ``checkpoint`` (path), ``postprocessing`` (thresholds) and the ``normal_scores`` they come from,
+        ``fit_seconds``, ``epochs``, ``losses``, the trained ``model``, its cached ``features`` (level-scaled), ``groups``.
     """
-    start = time.perf_counter()
+    # fmt: off
+    start, device = time.perf_counter(), torch.device(device)
     set_determinism(seed)
-    device = torch.device(device)
     output_dir = mark_output_dir(output_dir, "fit")  # so that the output-folder rule knows it as a fit run
     fit_items, val_items, channels = _fit_and_threshold_items(train_items, val_fraction, seed)
     model = URANet(image_size=image_size, **(model_kwargs or {})).to(device)
-    # fmt: off
     run_config = {"image_size": image_size, "augment": augment, "seed": seed, "batch_size": batch_size, "channels": channels,
                   "model": {k: v for k, v in model.config.items() if k not in ("num_samples", "backbone_weights")}}
     saved = _saved_train_state(output_dir, resume, run_config, device)
@@ -190,8 +191,8 @@ def fit(
                     weight_decay=weight_decay, device=device, amp=amp, loss_kwargs=loss_kwargs, progress=progress,
                     tensorboard=tensorboard)
     train_seconds = time.perf_counter() - start
-    postprocessing, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset, image_size, channels,
-                                                           batch_size, device, num_workers, amp, seed, progress, augment)
+    postprocessing, normal_scores, fusion_scores, perception = _calibrate(model, fit_items, val_items, dataset, image_size,
+        channels, batch_size, device, num_workers, amp, seed, progress, augment, false_alarm_rate)
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment,
              "batch_size": batch_size, "learning_rate": learning_rate, "train_images": len(fit_items),
              "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2),
@@ -199,7 +200,7 @@ def fit(
     logger.info("wrote %s", checkpoint := save_checkpoint(output_dir / "model.pt", model, postprocessing, extra))
     return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "epochs": epochs,
             "train_seconds": round(train_seconds, 2), "losses": losses, "model": model, "features": dataset.bank,
-            "groups": dataset.groups}
+            "groups": dataset.groups, "normal_scores": normal_scores}
     # fmt: on
 
 
@@ -250,8 +251,10 @@ def _calibrate(
     seed: int,
     progress: bool = False,
     augment: str = "none",
-) -> tuple[dict[str, float], dict[str, float] | None, dict[str, Any]]:
-    """``(thresholds, fusion and residual weight scores by weight, perception training summary)`` after training.
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+) -> tuple[dict[str, float], list[float], dict[str, float] | None, dict[str, Any]]:
+    """``(thresholds, the normal image scores they come from, fusion and residual weight scores by weight, perception
+    training summary)`` after training.
 
     The fused map's weight is chosen on FASM's image-level synthetic defects painted into the held-out normal
     images (unseen by the normal models); it stays 0.5 without FASM or when too few images were held out. The
@@ -271,11 +274,12 @@ def _calibrate(
                                              calibrate_residual=fusion_scores is None)  # fmt: skip
     model.train(was_training)
     training_images = bank_view_images(fit_items, image_size, augment, channels, batch_size, num_workers, device)
-    postprocessing = compute_thresholds(model, val_items, image_size, channels=channels, batch_size=batch_size,
-                                        device=device, num_workers=num_workers, amp=amp, training_features=bank,
-                                        training_images=training_images, training_groups=dataset.groups)  # fmt: skip
+    scores, maps = normal_scores_and_maps(model, val_items, image_size, channels=channels, batch_size=batch_size,
+                                          device=device, num_workers=num_workers, amp=amp, training_features=bank,
+                                          training_images=training_images, training_groups=dataset.groups)  # fmt: skip
     return (
-        postprocessing,
+        normal_postprocessing_stats(scores, maps, false_alarm_rate=false_alarm_rate),
+        scores,
         None if fusion_scores is None else {k: round(v, 4) for k, v in fusion_scores.items()},
         perception,
     )

@@ -20,6 +20,7 @@ from ignite.engine import Engine, Events
 
 from ura_monai.engines.evaluation import compute_thresholds
 from ura_monai.networks.checkpoint import load_into, read_checkpoint, save_checkpoint
+from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE
 from ura_monai.utils.distributed import is_rank0, unwrap
 
 __all__ = ["URANetCheckpointSaver", "URANetCheckpointLoader", "compute_thresholds"]
@@ -47,6 +48,7 @@ class URANetCheckpointSaver:
         final_filename: file name of the checkpoint written when training completes (``model.pt``).
         best_filename: file name of the best-validation checkpoint (``model_best.pt``); None: not written.
         extra: values recorded in the checkpoint's ``extra`` (dataset, preset, seed, ...).
+        false_alarm_rate: the image threshold's operating point, the fraction of normal images above it.
     """
 
     def __init__(
@@ -64,6 +66,7 @@ class URANetCheckpointSaver:
         final_filename: str = "model.pt",
         best_filename: str | None = "model_best.pt",
         extra: Mapping[str, Any] | None = None,
+        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     ) -> None:
         if not threshold_data:
             raise ValueError("URANetCheckpointSaver needs held-out normal images (threshold_data) to set thresholds")
@@ -80,6 +83,7 @@ class URANetCheckpointSaver:
         self.final_filename = final_filename
         self.best_filename = best_filename
         self.extra = dict(extra or {})
+        self.false_alarm_rate = float(false_alarm_rate)
         self.trainer: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -102,6 +106,7 @@ class URANetCheckpointSaver:
             self.device,
             self.num_workers,
             self.amp,
+            false_alarm_rate=self.false_alarm_rate,
         )
         extra = {
             **self.extra,

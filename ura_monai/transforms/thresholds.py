@@ -7,13 +7,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["normal_postprocessing_stats", "normalize_score"]
+__all__ = ["DEFAULT_FALSE_ALARM_RATE", "normal_postprocessing_stats", "normalize_score"]
+
+# the fraction of normal images above the default image threshold (docs/design.md, "Thresholds")
+DEFAULT_FALSE_ALARM_RATE = 0.01
 
 
 def normal_postprocessing_stats(
     image_scores: Sequence[float] | torch.Tensor,
     anomaly_maps: torch.Tensor | None = None,
-    image_quantile: float = 0.99,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     pixel_quantile: float = 0.999,
 ) -> dict[str, float]:
     """Image and pixel thresholds as high quantiles of scores on held-out *normal* images.
@@ -24,18 +27,22 @@ def normal_postprocessing_stats(
     Args:
         image_scores: scores of normal validation images.
         anomaly_maps: their anomaly maps (N, 1, H, W); pixel statistics are skipped when None.
-        image_quantile: quantile of normal image scores used as the image threshold.
+        false_alarm_rate: the fraction of normal images expected at or above the image threshold, which is the
+            ``1 - false_alarm_rate`` quantile of the normal image scores; in (0, 1).
         pixel_quantile: quantile of normal pixel values used as the pixel threshold.
 
     Returns:
-        dict with ``image_threshold``, ``image_min``, ``image_max`` and, with maps, ``pixel_threshold``,
+        dict with ``image_threshold``, ``image_min``, ``image_max``, ``image_false_alarm_rate`` and, with maps, ``pixel_threshold``,
         ``pixel_min``, ``pixel_max`` (floats).
     """
     scores = torch.as_tensor(image_scores, dtype=torch.float64).flatten().numpy()
     if scores.size == 0 or not np.isfinite(scores).all():
         raise ValueError("normal validation scores are empty or not finite")
-    stats = {"image_threshold": float(np.quantile(scores, image_quantile)), "image_min": float(scores.min())}
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise ValueError(f"false_alarm_rate must be in (0, 1), got {false_alarm_rate}")
+    stats = {"image_threshold": float(np.quantile(scores, 1.0 - false_alarm_rate)), "image_min": float(scores.min())}
     stats["image_max"] = 2 * stats["image_threshold"] - stats["image_min"]
+    stats["image_false_alarm_rate"] = float(false_alarm_rate)
     if anomaly_maps is not None:
         pixels = anomaly_maps.detach().float().flatten()
         if pixels.numel() > 4_000_000:  # a random subset estimates a quantile well and bounds memory
