@@ -445,12 +445,14 @@ def test_presets_train_on_their_layout(preset, tmp_path):
         where = ["--dataset_dir", str(data)]
     root = tmp_path / "root"
     configs = [TRAIN, str(PRESETS / f"{preset}.json")]
-    bundle("run", "--bundle_root", str(root), "--config_file", _config_list(*configs), *where, *TINY, "--epochs", "1")
+    run = ["run", "--bundle_root", str(root), "--config_file", _config_list(*configs), *where, *TINY, "--epochs", "1"]
+    bundle(*run, "--false_alarm_rate", "0.2")  # the operating point reaches the checkpoint saver
     from ura_monai.networks.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(root / "models" / "model.pt")
     assert checkpoint["extra"]["preset"] == preset and checkpoint["extra"]["train_images"] == 5
     assert "pixel_threshold" in checkpoint["postprocessing"]
+    assert checkpoint["postprocessing"]["image_false_alarm_rate"] == 0.2
     if preset == "mvtec_ad":  # masks exist: evaluation reports pixel AUROC and AUPRO too
         bundle(
             "run",

@@ -88,23 +88,15 @@ def compute_thresholds(
     network: torch.nn.Module,
     data: Sequence[dict[str, Any]],
     image_size: int,
-    channels: int | None = None,
-    batch_size: int = 8,
-    device: str | torch.device = "cpu",
-    num_workers: int = 0,
-    amp: bool = False,
-    training_features: torch.Tensor | None = None,
-    training_images: Iterable[torch.Tensor] | None = None,
-    training_groups: torch.Tensor | None = None,
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+    **options: Any,
 ) -> dict[str, float]:
-    """Image and pixel thresholds from normal data: ``normal_postprocessing_stats`` of the scores and maps of
-    :func:`normal_scores_and_maps` (same arguments), the image threshold at the ``1 - false_alarm_rate`` quantile of
-    the normal scores (recorded as ``image_false_alarm_rate``)."""
-    scores, maps = normal_scores_and_maps(
-        network, data, image_size, channels, batch_size, device, num_workers, amp,
-        training_features, training_images, training_groups,
-    )  # fmt: skip
+    """Image and pixel thresholds from normal data: ``normal_postprocessing_stats`` of the scores and maps that
+    :func:`normal_scores_and_maps` gives for ``network``, ``data``, ``image_size`` and its keyword ``options``
+    (channels, batch_size, device, num_workers, amp and the cached training_features, training_images,
+    training_groups), the image threshold at the ``1 - false_alarm_rate`` quantile of the normal scores (recorded
+    as ``image_false_alarm_rate``)."""
+    scores, maps = normal_scores_and_maps(network, data, image_size, **options)
     return normal_postprocessing_stats(scores, maps, false_alarm_rate=false_alarm_rate)
 
 

@@ -101,12 +101,12 @@ class URANetCheckpointSaver:
             self.network,
             self.threshold_data,
             self.image_size,
-            self.channels,
-            self.batch_size,
-            self.device,
-            self.num_workers,
-            self.amp,
-            false_alarm_rate=self.false_alarm_rate,
+            self.false_alarm_rate,
+            channels=self.channels,
+            batch_size=self.batch_size,
+            device=self.device,
+            num_workers=self.num_workers,
+            amp=self.amp,
         )
         extra = {
             **self.extra,
