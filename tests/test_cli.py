@@ -137,6 +137,41 @@ def test_predict_folder_keeps_going_past_bad_files(checkpoint, demo, tmp_path, c
     assert {p: _digest(p) for p in inputs.rglob("*") if p.is_file()} == before  # inputs untouched
 
 
+def test_another_operating_point_comes_from_the_stored_normal_scores(checkpoint, demo, tmp_path, capsys):
+    stored = read_checkpoint(checkpoint)
+    normal = np.asarray(stored["extra"]["normal_image_scores"])
+    assert normal.size > 8 and np.all(np.diff(normal) >= 0)  # cross-fitted training images + held-out ones, sorted
+    # the stored threshold is the default operating point of those very scores
+    assert stored["postprocessing"]["image_threshold"] == pytest.approx(np.quantile(normal, 0.99), abs=1e-5)
+    predictor = URANetPredictor(checkpoint, false_alarm_rate=0.5)
+    assert predictor.image_threshold == pytest.approx(np.quantile(normal, 0.5), abs=1e-9)
+    assert predictor.false_alarm_rate == 0.5 and URANetPredictor(checkpoint).false_alarm_rate == 0.01
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for source in _test_images(demo):
+        (inputs / source.name).write_bytes(source.read_bytes())
+    flagged = {}
+    for rate in ("0.5", None):
+        out = tmp_path / f"out_{rate}"
+        args = ["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out), *QUIET]
+        assert main(args + (["--false-alarm-rate", rate] if rate else [])) == 0
+        rows = _read_csv(out / "scores.csv")
+        expected = predictor.image_threshold if rate else stored["postprocessing"]["image_threshold"]
+        assert all(float(r["threshold"]) == pytest.approx(expected, rel=1e-6) for r in rows)
+        flagged[rate] = sum(r["decision"] == "anomalous" for r in rows)
+    assert flagged["0.5"] >= flagged[None]  # a lower threshold flags at least as many
+    # a checkpoint without the scores (written before they were kept) says what to do
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    del state["_extra_state"]["extra"]["normal_image_scores"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    with pytest.raises(ValueError, match="keeps no normal image scores.*refit"):
+        URANetPredictor(old, false_alarm_rate=0.05)
+    bad = ["test", "--checkpoint", str(old), "--layout", "mvtec", "--root", str(demo / "data"), "--category", "demo"]
+    assert main([*bad, "--false-alarm-rate", "0.05", "--output", str(tmp_path / "t"), *QUIET]) == 2
+    assert "--false-alarm-rate:" in capsys.readouterr().err
+
+
 def test_outputs_never_overwrite_inputs(checkpoint, demo, tmp_path, capsys):
     inputs = tmp_path / "inputs"
     inputs.mkdir()

@@ -35,6 +35,21 @@ def _device(name: str) -> Any:
     return device
 
 
+def _predictor(args: argparse.Namespace, device: Any) -> Any:
+    """The checkpoint's predictor with the command's uncertainty passes, batch size and operating point."""
+    from ura_monai.inference.predictor import URANetPredictor
+
+    predictor = URANetPredictor(
+        args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size
+    )
+    if args.false_alarm_rate is not None:
+        try:
+            predictor.set_operating_point(args.false_alarm_rate)
+        except ValueError as err:
+            raise CLIError(f"--false-alarm-rate: {err}") from None
+    return predictor
+
+
 def _datalist(args: argparse.Namespace, split: str) -> list[dict[str, Any]]:
     from ura_monai.data import build_datalist
 
@@ -214,13 +229,10 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _cmd_test(args: argparse.Namespace) -> int:
-    from ura_monai.inference.predictor import URANetPredictor
     from ura_monai.utils.paths import claim_output_dir
 
     device = _device(args.device)
-    predictor = URANetPredictor(
-        args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size
-    )
+    predictor = _predictor(args, device)
     items = _datalist(args, "test")
     # not inside the dataset: the next run would score its own figures as test images
     claim_output_dir(args.output, "test", overwrite=args.overwrite, inputs=[args.root])
@@ -234,7 +246,6 @@ def _cmd_test(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from ura_monai.data import IMAGE_EXTENSIONS
     from ura_monai.inference.image_inference import SCORES_CSV_NAME, list_prediction_inputs, predict_files
-    from ura_monai.inference.predictor import URANetPredictor
 
     device = _device(args.device)
     source = Path(args.input).expanduser()
@@ -254,9 +265,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         input_root: Path | None = source
     else:
         files, input_root = [source], None
-    predictor = URANetPredictor(
-        args.checkpoint, device, num_samples=args.uncertainty_samples, batch_size=args.batch_size
-    )
+    predictor = _predictor(args, device)
     logger.info("predicting %d file(s) from %s into %s", len(files), source, output)
     rows = predict_files(
         files, output, predictor, input_root=input_root, progress=not args.no_progress, overwrite=args.overwrite
@@ -271,14 +280,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 def _cmd_predict_dicom(args: argparse.Namespace) -> int:
     from ura_monai.inference.dicom_inference import predict_dicom_folder
-    from ura_monai.inference.predictor import URANetPredictor
 
     source = Path(args.input).expanduser()
     if not source.is_dir():
         raise CLIError(f"DICOM input folder not found: {source}")
-    predictor = URANetPredictor(
-        args.checkpoint, _device(args.device), num_samples=args.uncertainty_samples, batch_size=args.batch_size
-    )
+    predictor = _predictor(args, _device(args.device))
     rows = predict_dicom_folder(
         source,
         Path(args.output).expanduser(),

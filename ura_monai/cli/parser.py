@@ -52,6 +52,12 @@ def _image_size(text: str) -> int:
     return value
 
 
+INFERENCE_RATE_HELP = (
+    "another operating point than the checkpoint's: the image threshold at which this fraction of the normal images "
+    "the checkpoint keeps the scores of scores above it (e.g. 0.05: more defects flagged, more false alarms)"
+)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -121,11 +127,9 @@ def _add_fit_command(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--tensorboard", action="store_true", help="log losses to OUTPUT/runs")
-    p.add_argument(
-        "--false-alarm-rate",
-        type=_open_fraction,
-        default=None,
-        help="the image threshold's operating point: the fraction of normal images expected above it, the threshold "
+    _add_false_alarm_rate(
+        p,
+        "the image threshold's operating point: the fraction of normal images expected above it, the threshold "
         "being that upper quantile of the normal images' scores (default 0.01; docs/design.md, Thresholds)",
     )
     p.add_argument(
@@ -212,6 +216,7 @@ def _add_test_command(sub: Any, common: argparse.ArgumentParser) -> None:
         help="perception passes for the uncertainty map: metrics.json's uncertainty_error_auroc and the "
         "figures' uncertainty panel (default: the checkpoint's; 0: none, the metric is then NaN)",
     )
+    _add_false_alarm_rate(p)
     p.add_argument(
         "--output",
         required=True,
@@ -234,6 +239,7 @@ def _add_predict_command(sub: Any, common: argparse.ArgumentParser) -> None:
     _add_prediction_paths(p, "FILE_OR_DIR", "an image file or a folder of images", "not an input folder")
     p.add_argument("--batch-size", type=_positive_int, default=8, help="batch size (default 8)")
     _add_uncertainty_samples(p)
+    _add_false_alarm_rate(p)
 
 
 def _add_predict_dicom_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -267,6 +273,7 @@ def _add_predict_dicom_command(sub: Any, common: argparse.ArgumentParser) -> Non
         "--no-dicom-output", action="store_true", help="write NIfTI and reports only (no Parametric Map / SEG)"
     )
     _add_uncertainty_samples(p)
+    _add_false_alarm_rate(p)
 
 
 def _add_demo_command(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -303,6 +310,10 @@ def _add_prediction_paths(p: argparse.ArgumentParser, input_metavar: str, input_
     p.add_argument("--output", required=True, metavar="DIR", help=f"new or empty output folder ({output_rule})")
     p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def _add_false_alarm_rate(p: argparse.ArgumentParser, help_text: str = INFERENCE_RATE_HELP) -> None:
+    p.add_argument("--false-alarm-rate", type=_open_fraction, default=None, metavar="RATE", help=help_text)
 
 
 def _add_uncertainty_samples(p: argparse.ArgumentParser) -> None:

@@ -29,7 +29,7 @@ from ura_monai.losses.ura_loss import URANetLoss
 from ura_monai.networks.blocks.restoration import RestorationTransformer
 from ura_monai.networks.checkpoint import save_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
-from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE, normal_postprocessing_stats
+from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE, normal_postprocessing_stats, stored_normal_scores
 from ura_monai.utils.fileio import atomic_torch_save
 from ura_monai.utils.paths import mark_output_dir
 
@@ -196,7 +196,7 @@ def fit(
     extra = {"image_size": image_size, "channels": channels, "epochs": epochs, "seed": seed, "augment": augment,
              "batch_size": batch_size, "learning_rate": learning_rate, "train_images": len(fit_items),
              "val_images": len(val_items), "fit_seconds": round(time.perf_counter() - start, 2),
-             "fusion_scores": fusion_scores, "perception_training": perception}
+             "fusion_scores": fusion_scores, "perception_training": perception, "normal_image_scores": normal_scores}
     logger.info("wrote %s", checkpoint := save_checkpoint(output_dir / "model.pt", model, postprocessing, extra))
     return {"checkpoint": str(checkpoint), "postprocessing": postprocessing, "fit_seconds": extra["fit_seconds"], "epochs": epochs,
             "train_seconds": round(train_seconds, 2), "losses": losses, "model": model, "features": dataset.bank,
@@ -253,8 +253,8 @@ def _calibrate(
     augment: str = "none",
     false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
 ) -> tuple[dict[str, float], list[float], dict[str, float] | None, dict[str, Any]]:
-    """``(thresholds, the normal image scores they come from, fusion and residual weight scores by weight, perception
-    training summary)`` after training.
+    """``(thresholds, the normal image scores they come from (sorted: ``stored_normal_scores``), fusion and residual
+    weight scores by weight, perception training summary)`` after training.
 
     The fused map's weight is chosen on FASM's image-level synthetic defects painted into the held-out normal
     images (unseen by the normal models); it stays 0.5 without FASM or when too few images were held out. The
@@ -279,7 +279,7 @@ def _calibrate(
                                           training_images=training_images, training_groups=dataset.groups)  # fmt: skip
     return (
         normal_postprocessing_stats(scores, maps, false_alarm_rate=false_alarm_rate),
-        scores,
+        stored_normal_scores(scores),
         None if fusion_scores is None else {k: round(v, 4) for k, v in fusion_scores.items()},
         perception,
     )

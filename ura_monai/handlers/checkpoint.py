@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from ura_monai.engines.evaluation import compute_thresholds
+from ura_monai.engines.evaluation import compute_thresholds, normal_scores_and_maps
 from ura_monai.networks.checkpoint import load_into, read_checkpoint, save_checkpoint
-from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE
+from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE, normal_postprocessing_stats, stored_normal_scores
 from ura_monai.utils.distributed import is_rank0, unwrap
 
 __all__ = ["URANetCheckpointSaver", "URANetCheckpointLoader", "compute_thresholds"]
@@ -34,8 +34,9 @@ class URANetCheckpointSaver:
 
     Only rank 0 writes (in distributed training the other ranks skip). Thresholds come from ``threshold_data``,
     normal images held out from training (see :func:`ura_monai.bundle.training_splits`), through
-    :func:`compute_thresholds`. The checkpoint's ``extra`` records ``extra`` plus the epoch, the key metric and
-    the time it was written.
+    :func:`normal_scores_and_maps` and ``normal_postprocessing_stats``. The checkpoint's ``extra`` records ``extra``
+    plus those normal images' scores (``normal_image_scores``, for other operating points at inference), the epoch,
+    the key metric and the time it was written.
 
     Args:
         save_dir: folder of the checkpoints (created when missing), e.g. ``<bundle_root>/models``.
@@ -48,7 +49,8 @@ class URANetCheckpointSaver:
         final_filename: file name of the checkpoint written when training completes (``model.pt``).
         best_filename: file name of the best-validation checkpoint (``model_best.pt``); None: not written.
         extra: values recorded in the checkpoint's ``extra`` (dataset, preset, seed, ...).
-        false_alarm_rate: the image threshold's operating point, the fraction of normal images above it.
+        false_alarm_rate: the image threshold's operating point, the fraction of normal images above it (None: 0.01,
+            ``DEFAULT_FALSE_ALARM_RATE``).
     """
 
     def __init__(
@@ -66,7 +68,7 @@ class URANetCheckpointSaver:
         final_filename: str = "model.pt",
         best_filename: str | None = "model_best.pt",
         extra: Mapping[str, Any] | None = None,
-        false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
+        false_alarm_rate: float | None = None,
     ) -> None:
         if not threshold_data:
             raise ValueError("URANetCheckpointSaver needs held-out normal images (threshold_data) to set thresholds")
@@ -83,7 +85,7 @@ class URANetCheckpointSaver:
         self.final_filename = final_filename
         self.best_filename = best_filename
         self.extra = dict(extra or {})
-        self.false_alarm_rate = float(false_alarm_rate)
+        self.false_alarm_rate = DEFAULT_FALSE_ALARM_RATE if false_alarm_rate is None else float(false_alarm_rate)
         self.trainer: Engine | None = None
 
     def attach(self, engine: Engine) -> None:
@@ -97,19 +99,20 @@ class URANetCheckpointSaver:
     def _save(self, filename: str, info: Mapping[str, Any]) -> Path | None:
         if not is_rank0():
             return None
-        stats = compute_thresholds(
+        scores, maps = normal_scores_and_maps(
             self.network,
             self.threshold_data,
             self.image_size,
-            self.false_alarm_rate,
             channels=self.channels,
             batch_size=self.batch_size,
             device=self.device,
             num_workers=self.num_workers,
             amp=self.amp,
         )
+        stats = normal_postprocessing_stats(scores, maps, false_alarm_rate=self.false_alarm_rate)
         extra = {
             **self.extra,
+            "normal_image_scores": stored_normal_scores(scores),
             "image_size": self.image_size,
             "threshold_images": len(self.threshold_data),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),

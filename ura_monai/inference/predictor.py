@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ura_monai.networks.checkpoint import load_checkpoint
-from ura_monai.transforms.thresholds import normalize_score
+from ura_monai.transforms.thresholds import normal_postprocessing_stats, normalize_score
 
 __all__ = ["URANetPredictor", "resize_maps"]
 
@@ -58,12 +58,17 @@ class URANetPredictor:
         fast: run the fast inference path (:class:`ura_monai.inference.fast.FastURANet`, the same maps within
             float rounding): ``True`` for its defaults, or a dict of its options, e.g.
             ``{"dtype": "bf16", "channels_last": True}`` on a GPU. Default: the reference path.
+        false_alarm_rate: another operating point for the image threshold than the one fit stored: the
+            ``1 - false_alarm_rate`` quantile of the normal image scores the checkpoint keeps (``extra
+            ["normal_image_scores"]``, written since ura_monai 0.9.1 / bundle 0.9.1; ValueError for an older
+            checkpoint). None: the stored threshold.
 
     Attributes:
         model: the network (eval mode) on ``device``.
         checkpoint: the loaded checkpoint dict.
         image_size: the square size the network runs at.
         image_threshold, image_min, image_max: image score statistics (``None`` when the checkpoint has none).
+        false_alarm_rate: the image threshold's operating point (``None`` for checkpoints that do not record it).
         pixel_threshold, pixel_min, pixel_max: anomaly-map statistics (``None`` when the checkpoint has none).
 
     Example::
@@ -81,6 +86,7 @@ class URANetPredictor:
         batch_size: int = 8,
         seed: int | None = 0,
         fast: bool | dict[str, Any] = False,
+        false_alarm_rate: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -109,6 +115,25 @@ class URANetPredictor:
         self.pixel_threshold = _optional_float(post.get("pixel_threshold"))
         self.pixel_min = _optional_float(post.get("pixel_min"))
         self.pixel_max = _optional_float(post.get("pixel_max"))
+        self.false_alarm_rate = _optional_float(post.get("image_false_alarm_rate"))
+        if false_alarm_rate is not None:
+            self.set_operating_point(float(false_alarm_rate))
+
+    def set_operating_point(self, false_alarm_rate: float) -> None:
+        """Move the image threshold (and its normalization range) to ``false_alarm_rate`` on the normal image scores
+        the checkpoint keeps; ValueError when it keeps none or the rate is not in (0, 1)."""
+        scores = self.checkpoint.get("extra", {}).get("normal_image_scores")
+        if not scores:
+            raise ValueError(
+                f"{self.checkpoint_path} keeps no normal image scores (it was written before ura_monai 0.9.1), so "
+                f"no other operating point can be taken from it: refit with 'ura-monai fit --false-alarm-rate "
+                f"{false_alarm_rate}', or use its stored threshold"
+            )
+        stats = normal_postprocessing_stats(scores, false_alarm_rate=false_alarm_rate)
+        self.image_threshold, self.image_min, self.image_max = (
+            stats[k] for k in ("image_threshold", "image_min", "image_max")
+        )
+        self.false_alarm_rate = false_alarm_rate
 
     # ------------------------------------------------------------------ tensors
     def run_network(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

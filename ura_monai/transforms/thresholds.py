@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-__all__ = ["DEFAULT_FALSE_ALARM_RATE", "normal_postprocessing_stats", "normalize_score"]
+__all__ = ["DEFAULT_FALSE_ALARM_RATE", "normal_postprocessing_stats", "normalize_score", "stored_normal_scores"]
 
 # the fraction of normal images above the default image threshold (docs/design.md, "Thresholds")
 DEFAULT_FALSE_ALARM_RATE = 0.01
@@ -51,6 +51,12 @@ def normal_postprocessing_stats(
         stats["pixel_min"] = float(pixels.min())
         stats["pixel_max"] = 2 * stats["pixel_threshold"] - stats["pixel_min"]
     return stats
+
+
+def stored_normal_scores(image_scores: Sequence[float] | torch.Tensor) -> list[float]:
+    """The normal image scores a checkpoint keeps (``extra["normal_image_scores"]``: sorted, 6 decimals), so that
+    another operating point can be taken from them at inference (``URANetPredictor(false_alarm_rate=...)``)."""
+    return [round(float(v), 6) for v in sorted(torch.as_tensor(image_scores, dtype=torch.float64).flatten().tolist())]
 
 
 def normalize_score(value: torch.Tensor, threshold: float, min_value: float, max_value: float) -> torch.Tensor:
