@@ -31,11 +31,11 @@ import time
 import torch
 
 from ura_monai.data import build_datalist
-from ura_monai.engines.evaluation import compute_thresholds, run_inference
+from ura_monai.engines.evaluation import compute_thresholds, operating_points, run_inference
 from ura_monai.engines.features import bank_view_images, extract_feature_bank
 from ura_monai.engines.loaders import image_loader
 from ura_monai.engines.workflow import fit, split_normal_validation
-from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric, anomalous_tpr, normal_fpr
+from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
 from ura_monai.networks.blocks.anomaly_map import AnomalyMapGenerator, image_score
 from ura_monai.networks.blocks.feature_extractor import PretrainedFeatureExtractor
 from ura_monai.networks.checkpoint import load_checkpoint
@@ -47,7 +47,6 @@ METRIC_KEYS = ANOMALY_METRIC_NAMES  # every figure the package's metric computes
 IMAGE_METRIC_KEYS = ("image_auroc", "f1_max", "normal_fpr", "anomalous_tpr")  # the figures that read the image score
 # the default map is the model's own (URANet's anomaly_map_source default); these are the others, same trained model
 MAP_VARIANTS = ("memory", "position", "fused", "restoration", "restored", "perception")
-OPERATING_POINTS = (0.01, 0.02, 0.05, 0.1)  # false-alarm rates of the model's ``operating_points``
 ABLATIONS = {
     "no_fasm": {"use_fasm": False},
     "no_uiapm": {"use_uiapm": False},
@@ -153,20 +152,6 @@ def nearest_neighbour_reference(
         "fit_seconds": round(fit_seconds, 2),
         "test_images_per_second": round(len(test_items) / seconds, 3),
     }
-
-
-def operating_points(scores, labels, normal_scores) -> dict:
-    """``{rate: {"image_threshold", "normal_fpr", "anomalous_tpr"}}`` for each of ``OPERATING_POINTS``: the test
-    images' decision rates at the threshold that false-alarm rate gives on the normal scores (as ``fit`` sets it)."""
-    points = {}
-    for rate in OPERATING_POINTS:
-        threshold = normal_postprocessing_stats(normal_scores, false_alarm_rate=rate)["image_threshold"]
-        points[str(rate)] = {
-            "image_threshold": round(threshold, 6),
-            "normal_fpr": round(normal_fpr(scores, labels, threshold), 4),
-            "anomalous_tpr": round(anomalous_tpr(scores, labels, threshold), 4),
-        }
-    return points
 
 
 def model_metrics(model, test_items, masks, args, image_threshold: float, normal_scores=None) -> dict:

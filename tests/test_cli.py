@@ -70,6 +70,16 @@ def test_demo_writes_metrics_overlays_and_scores(demo, capsys):
     for label, key in (("0", "normal_fpr"), ("1", "anomalous_tpr")):
         flagged = [float(row["pred_score"]) >= metrics["image_threshold"] for row in per_image if row["label"] == label]
         assert metrics[key] == pytest.approx(sum(flagged) / len(flagged), abs=1e-12)
+    # and at other operating points: thresholds from the normal scores the checkpoint keeps, rates recounted here
+    normal = read_checkpoint(demo / "model" / "model.pt")["extra"]["normal_image_scores"]
+    assert set(metrics["operating_points"]) == {"0.01", "0.02", "0.05", "0.1"}
+    for rate, point in metrics["operating_points"].items():
+        assert point["image_threshold"] == pytest.approx(np.quantile(normal, 1 - float(rate)), abs=1e-6)
+        for label, key in (("0", "normal_fpr"), ("1", "anomalous_tpr")):
+            flagged = [
+                float(row["pred_score"]) >= point["image_threshold"] for row in per_image if row["label"] == label
+            ]
+            assert point[key] == pytest.approx(sum(flagged) / len(flagged), abs=1e-4)
     # the checkpoint's uncertainty passes run, so the uncertainty is not constant and the error AUROC exists
     for key in ("pixel_ap", "pixel_f1_max", "uncertainty_error_auroc"):
         assert 0.0 <= metrics[key] <= 1.0, (key, metrics[key])

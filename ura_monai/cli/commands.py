@@ -116,6 +116,7 @@ def _evaluate(
         image_size=predictor.image_size,
         image_threshold=predictor.image_threshold,
         channels=predictor.channels,
+        normal_scores=predictor.checkpoint.get("extra", {}).get("normal_image_scores"),
     )
     per_image = result.pop("per_image")
     figures = _save_map_figures(predictor, per_image, output_dir / "maps")

@@ -17,7 +17,7 @@ from ignite.handlers.tqdm_logger import ProgressBar
 
 from ura_monai.engines.evaluator import URANetEvaluator
 from ura_monai.engines.loaders import image_loader
-from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric
+from ura_monai.metrics import ANOMALY_METRIC_NAMES, AnomalyDetectionMetric, anomalous_tpr, normal_fpr
 from ura_monai.networks.checkpoint import load_checkpoint
 from ura_monai.networks.nets.ura_net import URANet
 from ura_monai.transforms.thresholds import DEFAULT_FALSE_ALARM_RATE, normal_postprocessing_stats
@@ -25,7 +25,14 @@ from ura_monai.utils.distributed import unwrap
 from ura_monai.utils.fileio import atomic_write_text
 from ura_monai.utils.paths import mark_output_dir
 
-__all__ = ["run_inference", "compute_thresholds", "normal_scores_and_maps", "test"]
+__all__ = [
+    "OPERATING_POINT_RATES",
+    "run_inference",
+    "compute_thresholds",
+    "normal_scores_and_maps",
+    "operating_points",
+    "test",
+]
 
 logger = logging.getLogger("ura_monai")
 
@@ -82,6 +89,30 @@ def run_inference(
     evaluator.run()
     metrics = {k: float(v) for k, v in evaluator.state.metrics.items() if not isinstance(v, dict)}
     return metrics, per_image
+
+
+# false-alarm rates at which ``operating_points`` reports the decision rates
+OPERATING_POINT_RATES = (0.01, 0.02, 0.05, 0.1)
+
+
+def operating_points(
+    scores: Sequence[float] | torch.Tensor,
+    labels: Sequence[int] | torch.Tensor,
+    normal_scores: Sequence[float],
+    rates: Sequence[float] = OPERATING_POINT_RATES,
+) -> dict[str, dict[str, float]]:
+    """``{str(rate): {"image_threshold", "normal_fpr", "anomalous_tpr"}}``: the test images' decision rates at the
+    image threshold each false-alarm ``rate`` gives on the ``normal_scores`` (as ``fit`` sets the stored one), so that
+    one set of test scores shows the whole trade-off."""
+    points = {}
+    for rate in rates:
+        threshold = normal_postprocessing_stats(normal_scores, false_alarm_rate=rate)["image_threshold"]
+        points[str(rate)] = {
+            "image_threshold": round(threshold, 6),
+            "normal_fpr": round(normal_fpr(scores, labels, threshold), 4),
+            "anomalous_tpr": round(anomalous_tpr(scores, labels, threshold), 4),
+        }
+    return points
 
 
 def compute_thresholds(
@@ -214,32 +245,36 @@ def test(
     image_size: int | None = None,
     image_threshold: float | None = None,
     channels: int | None = None,
+    normal_scores: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint (or model) on labelled test items.
 
     Images are converted to the model's channel count (``channels``, else the checkpoint's, else RGB), with a
     warning naming each converted file when the count is known.
 
-    Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score)
-    and ``roc_curve.png``.
+    Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score), ``roc_curve.png``.
 
     Args:
         num_samples: perception passes for the uncertainty map (default None: the model's setting); 0 is
             faster (map and score only) but the uncertainty is then zero and ``uncertainty_error_auroc`` NaN.
         image_threshold: image threshold for ``normal_fpr`` / ``anomalous_tpr``; defaults to the checkpoint's
             stored ``postprocessing["image_threshold"]`` (none when a model is given: the rates are NaN).
+        normal_scores: the normal image scores thresholds come from, for ``operating_points``; defaults to the
+            checkpoint's ``extra["normal_image_scores"]`` (none when a model is given, or in older checkpoints).
 
     Returns:
         dict with the metric values of ``ANOMALY_METRIC_NAMES`` (``image_auroc``, ``pixel_auroc``, ``aupro``,
         ``f1_max``, ``pixel_ap``, ``pixel_f1_max``, ``uncertainty_error_auroc``, ``normal_fpr``,
         ``anomalous_tpr``; NaN where undefined), ``image_threshold``, ``test_images``,
-        ``test_images_per_second`` and ``per_image``.
+        ``test_images_per_second``, ``per_image`` and, with normal scores and both classes among the test images,
+        ``operating_points`` (:func:`operating_points`).
     """
     if isinstance(checkpoint, URANet):
         model = checkpoint.eval()
     else:
         model, loaded = load_checkpoint(checkpoint, device)
-        channels = channels or loaded.get("extra", {}).get("channels")
+        extra = loaded.get("extra", {})
+        channels, normal_scores = channels or extra.get("channels"), normal_scores or extra.get("normal_image_scores")
         if image_threshold is None:
             image_threshold = (loaded.get("postprocessing") or {}).get("image_threshold")
     size = image_size or model.config["image_size"]
@@ -261,17 +296,18 @@ def test(
     )
     seconds = time.perf_counter() - start
     result: dict[str, Any] = {k: metrics.get(k, math.nan) for k in ANOMALY_METRIC_NAMES}
-    result["image_threshold"] = image_threshold
-    result["test_images"] = len(per_image)
+    result |= {"image_threshold": image_threshold, "test_images": len(per_image)}
     result["test_images_per_second"] = round(len(per_image) / seconds, 3) if seconds > 0 else math.nan
     rows = [{k: v for k, v in r.items() if not k.endswith("_map")} for r in per_image]
+    labels = [int(r["label"]) for r in rows]
+    if normal_scores and 0 < sum(labels) < len(labels):
+        result["operating_points"] = operating_points([r["pred_score"] for r in rows], labels, normal_scores)
     if output_dir is not None:
         from ura_monai.data.writers import save_roc_curve_png, write_csv
 
         output_dir = mark_output_dir(output_dir, "test")
         atomic_write_text(output_dir / "metrics.json", json.dumps(result, indent=2))
         write_csv(output_dir / "per_image.csv", rows)
-        labels = [r["label"] for r in rows]
         if 0 < sum(labels) < len(labels):
             save_roc_curve_png(output_dir / "roc_curve.png", [r["pred_score"] for r in rows], labels, title="image ROC")
     result["per_image"] = per_image
