@@ -17,6 +17,8 @@ from monailabel.interfaces.exception import MONAILabelException
 from monailabel.interfaces.utils.app import app_instance, clear_cache
 from PIL import Image
 
+from ura_monai.networks.checkpoint import read_checkpoint
+
 TRAIN_REQUEST = {"model": "ura_net", "max_epochs": 1, "image_size": IMAGE_SIZE, "train_batch_size": 4, "device": "cpu"}
 
 
@@ -97,6 +99,22 @@ def test_infer_2d_returns_mask_and_score(trained, studies, kind):
         assert params["checkpoint"] == "ura_net.pt"
         assert params["image_threshold"] == pytest.approx(stats["thresholds"]["image_threshold"])
         assert params["anomalous_fraction"] == pytest.approx(mask.mean())
+
+
+def test_infer_takes_another_operating_point_from_the_stored_normal_scores(trained, studies):
+    app, app_dir, stats = trained
+    _, info = studies
+    image_id = info["png"][0]
+    normal = read_checkpoint(app_dir / "model" / "ura_net.pt")["extra"]["normal_image_scores"]
+    params = _infer(app, image_id, false_alarm_rate=0.5)["params"]
+    assert params["image_threshold"] == pytest.approx(float(np.quantile(normal, 0.5)), abs=1e-9)
+    assert params["image_threshold"] < stats["thresholds"]["image_threshold"]
+    assert params["is_anomalous"] is (params["anomaly_score"] >= params["image_threshold"])
+    # an explicit image threshold wins over the rate
+    both = _infer(app, image_id, false_alarm_rate=0.5, image_threshold=123.0)["params"]
+    assert both["image_threshold"] == 123.0
+    with pytest.raises(MONAILabelException, match="false_alarm_rate"):
+        _infer(app, image_id, false_alarm_rate=1.5)
 
 
 def test_infer_2d_anomaly_map_on_request(trained, studies):

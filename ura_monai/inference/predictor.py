@@ -119,9 +119,10 @@ class URANetPredictor:
         if false_alarm_rate is not None:
             self.set_operating_point(float(false_alarm_rate))
 
-    def set_operating_point(self, false_alarm_rate: float) -> None:
-        """Move the image threshold (and its normalization range) to ``false_alarm_rate`` on the normal image scores
-        the checkpoint keeps; ValueError when it keeps none or the rate is not in (0, 1)."""
+    def threshold_at(self, false_alarm_rate: float) -> dict[str, float]:
+        """``image_threshold``, ``image_min``, ``image_max`` at ``false_alarm_rate`` on the normal image scores the
+        checkpoint keeps (``normal_postprocessing_stats``); ValueError when it keeps none or the rate is not in (0, 1).
+        """
         scores = self.checkpoint.get("extra", {}).get("normal_image_scores")
         if not scores:
             raise ValueError(
@@ -130,10 +131,17 @@ class URANetPredictor:
                 f"{false_alarm_rate}', or use its stored threshold"
             )
         stats = normal_postprocessing_stats(scores, false_alarm_rate=false_alarm_rate)
+        return {k: stats[k] for k in ("image_threshold", "image_min", "image_max")}
+
+    def set_operating_point(self, false_alarm_rate: float) -> None:
+        """Move the image threshold (and its normalization range) to :meth:`threshold_at` ``false_alarm_rate``."""
+        stats = self.threshold_at(false_alarm_rate)
         self.image_threshold, self.image_min, self.image_max = (
-            stats[k] for k in ("image_threshold", "image_min", "image_max")
+            stats["image_threshold"],
+            stats["image_min"],
+            stats["image_max"],
         )
-        self.false_alarm_rate = false_alarm_rate
+        self.false_alarm_rate = float(false_alarm_rate)
 
     # ------------------------------------------------------------------ tensors
     def run_network(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

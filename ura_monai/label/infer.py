@@ -22,7 +22,8 @@ run's model as soon as it is published.
 Request keys (besides MONAI Label's ``image``, ``device``, ``result_extension``, ...): ``anomaly_output``
 (``mask`` | ``anomaly_map``), ``slice_axis`` (0, 1 or 2 of the volume's x, y, z; 2 by default),
 ``volume_aggregation`` (``max`` | ``mean`` | ``topk_mean``), ``top_k``, ``pixel_threshold`` and
-``image_threshold`` (overrides of the checkpoint's thresholds).
+``image_threshold`` (overrides of the checkpoint's thresholds), ``false_alarm_rate`` (another operating point for the
+image threshold, from the normal scores the checkpoint keeps; ``image_threshold`` wins when both are given).
 """
 
 from __future__ import annotations
@@ -205,6 +206,22 @@ class URANetInferTask(BasicInferTask):
         self._networks[device] = (predictor, key)
         return predictor
 
+    @staticmethod
+    def _image_threshold(predictor: Any, data: dict[str, Any]) -> tuple[float | None, float | None, float | None]:
+        """``(image threshold, normal minimum, normalization maximum)`` of a request: its ``image_threshold``, else its
+        ``false_alarm_rate`` on the checkpoint's normal scores, else the checkpoint's stored ones."""
+        image_threshold = _optional_float(data.get("image_threshold"))
+        rate = _optional_float(data.get("false_alarm_rate"))
+        if image_threshold is None and rate is not None:
+            try:
+                stats = predictor.threshold_at(rate)
+            except ValueError as err:
+                raise MONAILabelException(MONAILabelError.INVALID_INPUT, f"false_alarm_rate: {err}") from None
+            return stats["image_threshold"], stats["image_min"], stats["image_max"]
+        if image_threshold is None:
+            return predictor.image_threshold, predictor.image_min, predictor.image_max
+        return image_threshold, predictor.image_min, predictor.image_max
+
     def run_inferer(self, data: dict[str, Any], convert_to_batch: bool = True, device: str = "cuda") -> dict[str, Any]:
         predictor = self._get_network(device, data)
         output = str(_first(data.get("anomaly_output", "mask")))
@@ -212,8 +229,7 @@ class URANetInferTask(BasicInferTask):
             raise MONAILabelException(
                 MONAILabelError.INVALID_INPUT, f"anomaly_output must be one of {ANOMALY_OUTPUTS}, got {output!r}"
             )
-        image_threshold = _optional_float(data.get("image_threshold"))
-        image_threshold = predictor.image_threshold if image_threshold is None else image_threshold
+        image_threshold, image_min, image_max = self._image_threshold(predictor, data)
         pixel_threshold = _optional_float(data.get("pixel_threshold"))
         pixel_threshold = predictor.pixel_threshold if pixel_threshold is None else pixel_threshold
         if pixel_threshold is None:  # the SlicePredictor convention: fall back to the image threshold
@@ -251,8 +267,8 @@ class URANetInferTask(BasicInferTask):
 
         normalized = None
         if image_threshold is not None:
-            low = predictor.image_min if predictor.image_min is not None else image_threshold
-            high = predictor.image_max if predictor.image_max is not None else image_threshold
+            low = image_min if image_min is not None else image_threshold
+            high = image_max if image_max is not None else image_threshold
             from ura_monai.transforms.thresholds import normalize_score
 
             normalized = float(normalize_score(torch.tensor(score, dtype=torch.float64), image_threshold, low, high))
