@@ -53,8 +53,8 @@ def _image_size(text: str) -> int:
 
 
 INFERENCE_RATE_HELP = (
-    "another operating point than the checkpoint's: the image threshold at which this fraction of the normal images "
-    "the checkpoint keeps the scores of scores above it (e.g. 0.05: more defects flagged, more false alarms)"
+    "another operating point than the checkpoint's: the image threshold above which this fraction of the normal "
+    "images lie, from their scores kept in the checkpoint (e.g. 0.05: more defects flagged, more false alarms)"
 )
 
 

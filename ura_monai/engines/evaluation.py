@@ -252,7 +252,7 @@ def test(
     Images are converted to the model's channel count (``channels``, else the checkpoint's, else RGB), with a
     warning naming each converted file when the count is known.
 
-    Writes, when ``output_dir`` is given: ``metrics.json``, ``per_image.csv`` (path, label, defect type, score), ``roc_curve.png``.
+    Writes, with ``output_dir``: ``metrics.json``, ``per_image.csv`` (path, label, defect, score), ``roc_curve.png``.
 
     Args:
         num_samples: perception passes for the uncertainty map (default None: the model's setting); 0 is

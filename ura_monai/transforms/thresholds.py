@@ -32,8 +32,8 @@ def normal_postprocessing_stats(
         pixel_quantile: quantile of normal pixel values used as the pixel threshold.
 
     Returns:
-        dict with ``image_threshold``, ``image_min``, ``image_max``, ``image_false_alarm_rate`` and, with maps, ``pixel_threshold``,
-        ``pixel_min``, ``pixel_max`` (floats).
+        dict with ``image_threshold``, ``image_min``, ``image_max``, ``image_false_alarm_rate`` and, with maps,
+        ``pixel_threshold``, ``pixel_min``, ``pixel_max`` (floats).
     """
     scores = torch.as_tensor(image_scores, dtype=torch.float64).flatten().numpy()
     if scores.size == 0 or not np.isfinite(scores).all():
@@ -56,7 +56,8 @@ def normal_postprocessing_stats(
 def stored_normal_scores(image_scores: Sequence[float] | torch.Tensor) -> list[float]:
     """The normal image scores a checkpoint keeps (``extra["normal_image_scores"]``: sorted, 6 decimals), so that
     another operating point can be taken from them at inference (``URANetPredictor(false_alarm_rate=...)``)."""
-    return [round(float(v), 6) for v in sorted(torch.as_tensor(image_scores, dtype=torch.float64).flatten().tolist())]
+    scores = torch.as_tensor(image_scores, dtype=torch.float64).flatten().tolist()
+    return [round(float(v), 6) for v in sorted(scores)]
 
 
 def normalize_score(value: torch.Tensor, threshold: float, min_value: float, max_value: float) -> torch.Tensor:
